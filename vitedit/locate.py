@@ -1,0 +1,128 @@
+"""Locators: where to edit. Each scores every unit of every site *per failure image*.
+
+All locators share one call signature, ``locator(inputs) -> {site.param: (N or 1, units) tensor}``,
+and register by name in ``LOCATORS`` (duplicates raise):
+
+- ``hypernet``: the learned hypernetwork of paper Sec. 3.2 (``vitedit.hypernet``), fed the frozen
+  model's final [CLS] feature of each image;
+- ``gradient``: per-unit gradient magnitude of the cross-entropy toward the true label (L2 norm of
+  the unit's row of fc1 / column of fc2), per image;
+- ``random``: seeded uniform scores (a control with no information; the paper's random baseline).
+
+Per-image scores are kept so that any split of the failures into edit and held-out images can be
+aggregated later (mean over the edit images only), keeping held-out images out of the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+from .errors import UsageError
+from .masks import UnitScores
+from .models import Site, forward_prefix, make_suffix
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class LocateInputs:
+    model: "nn.Module"            # frozen, eval mode
+    sites: tuple[Site, ...]
+    images: "torch.Tensor"        # (N, C, H, W) preprocessed failure images
+    labels: "torch.Tensor"        # (N,) true class indices
+    seed: int = 0
+    hypernet: "nn.Module | None" = None
+
+
+class Locator(Protocol):
+    def __call__(self, inputs: LocateInputs) -> dict[str, "torch.Tensor"]: ...
+
+
+LOCATORS: dict[str, Locator] = {}
+
+
+def register(name: str) -> Callable[[Locator], Locator]:
+    def deco(fn: Locator) -> Locator:
+        if name in LOCATORS:
+            raise ValueError(f"locator {name!r} is already registered")
+        LOCATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_locator(name: str) -> Locator:
+    if name not in LOCATORS:
+        raise UsageError(f"--locator {name!r} is unknown; choose one of {', '.join(sorted(LOCATORS))}")
+    return LOCATORS[name]
+
+
+@register("random")
+def random_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    gen = torch.Generator().manual_seed(inputs.seed)
+    return {s.param: torch.rand(1, s.units, generator=gen) for s in inputs.sites}
+
+
+@register("gradient")
+def gradient_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    start = min(s.block for s in inputs.sites)
+    suffix = make_suffix(inputs.model, start)
+    with torch.no_grad():
+        tokens = forward_prefix(inputs.model, inputs.images, start)  # (N, T, D)
+    out: dict[str, list] = {s.param: [] for s in inputs.sites}
+    for i in range(len(tokens)):
+        weights = {s.param: inputs.model.get_parameter(s.param).detach().clone().requires_grad_(True)
+                   for s in inputs.sites}
+        loss = F.cross_entropy(functional_call(suffix, weights, (tokens[i:i + 1],)), inputs.labels[i:i + 1])
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for s, g in zip(inputs.sites, grads):
+            out[s.param].append(g.norm(dim=1 - s.dim))  # fc1: norm of row; fc2: norm of column -> (units,)
+    return {p: torch.stack(v).cpu() for p, v in out.items()}
+
+
+@register("hypernet")
+def hypernet_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    if inputs.hypernet is None:
+        raise UsageError("--locator hypernet needs a hypernetwork: pass --hypernet PATH|NAME "
+                         "(or use --locator gradient)")
+    feats = cls_features(inputs.model, inputs.images, min(s.block for s in inputs.sites))
+    with torch.no_grad():
+        scores = inputs.hypernet(feats)
+    return {s.param: sc.cpu() for s, sc in zip(inputs.sites, scores)}
+
+
+def cls_features(model: "nn.Module", images: "torch.Tensor", start: int, batch_size: int = 256) -> "torch.Tensor":
+    """The frozen model's final [CLS] feature after the final norm: (N, C, H, W) -> (N, D)."""
+    import torch
+
+    suffix = make_suffix(model, start)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            out.append(suffix(forward_prefix(model, images[i:i + batch_size], start), pre_logits=True))
+    return torch.cat(out)
+
+
+def aggregate(per_image: dict[str, "torch.Tensor"], sites: Sequence[Site], rows: Sequence[int] | None,
+              locator: str) -> UnitScores:
+    """Mean of per-image scores over ``rows`` (None = all); image-independent scores pass through."""
+    import torch
+
+    scores = {}
+    for s in sites:
+        t = per_image[s.param]
+        if t.shape[0] > 1 and rows is not None:
+            t = t[torch.as_tensor(list(rows), dtype=torch.long)]
+        scores[s.param] = t.float().mean(0)
+    return UnitScores(tuple(sites), scores, locator)

@@ -1,0 +1,72 @@
+"""The workspace: the folder (default ``./.vitedit``) where one editing job keeps its state.
+
+Files (each written atomically; tensors as safetensors + JSON sidecar):
+- ``workspace.json``: the model (name, weights file, weight hash), sites, locator, failure folder,
+  every loaded image with its base prediction, the skipped bad images, the split seed;
+- ``images.safetensors``: the preprocessed failing images and their labels;
+- ``scores.safetensors``: per-image unit scores from ``locate``;
+- ``patch.safetensors`` and ``edited.safetensors`` from ``apply``; ``apply.json``;
+- ``report.json`` (and the plot) from ``report``; ``lock`` while a command runs.
+
+A workspace belongs to one model: opening it with another model (name or weight hash) is refused.
+Two vitedit processes on one workspace are prevented with an exclusive lock on ``lock``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .artifacts import read_json, write_json
+from .errors import WorkspaceError
+
+DEFAULT_WORKSPACE = Path(".vitedit")
+STATE = "workspace.json"
+
+
+class Workspace:
+    def __init__(self, root: Path | str = DEFAULT_WORKSPACE) -> None:
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def exists(self) -> bool:
+        return (self.root / STATE).exists()
+
+    def state(self) -> dict:
+        if not self.exists:
+            raise WorkspaceError(f"no vitedit workspace at {self.root}; run `vitedit locate FAILURES` first "
+                                 "(or pass --workspace DIR)")
+        return read_json(self.root / STATE, "workspace state")
+
+    def save_state(self, state: dict) -> None:
+        write_json(self.root / STATE, state)
+
+    def require(self, name: str, step: str) -> Path:
+        p = self.root / name
+        if not p.exists():
+            raise WorkspaceError(f"{p} not found; run `vitedit {step}` first")
+        return p
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the workspace for the duration of one command."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkspaceError(f"another vitedit command is using the workspace {self.root}; wait for it to "
+                                     "finish or pass a different --workspace") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
