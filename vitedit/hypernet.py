@@ -67,9 +67,10 @@ def build_hypernet(config: HyperNetConfig) -> "torch.nn.Module":
             tokens = self.norm(self.blocks(tokens))
             return [SCORE_SCALE * head(tokens[:, 1 + i]) for i, head in enumerate(self.heads)]
 
-        def forward(self, cls_feature: "torch.Tensor") -> list["torch.Tensor"]:
-            """(B, D) -> per site (B, units) scores in (0, 1)."""
-            return [torch.sigmoid(z) for z in self.logits(cls_feature)]
+        def forward(self, cls_feature: "torch.Tensor", logits: bool = False) -> list["torch.Tensor"]:
+            """(B, D) -> per site (B, units) scores in (0, 1) (or their logits, for a stable BCE)."""
+            z = self.logits(cls_feature)
+            return z if logits else [torch.sigmoid(v) for v in z]
 
     return HyperNet()
 

@@ -1,0 +1,382 @@
+"""Meta-training the hypernetwork: learning where to edit, label-free (paper Sec. 3.2; method.md).
+
+For each meta-batch of ``batch`` pseudo-samples:
+
+1. **CutMix pseudo-failure.** A patch-aligned box (side lengths drawn on the model's own patch grid)
+   from a donor image is pasted into a base image. The target is the frozen model's soft prediction
+   on the clean base image at temperature T; the pseudo-edit must make the mixed image look clean:
+   ``T^2 KL(softmax(f(clean)/T) || softmax(f_edit(mixed)/T))``.
+2. **Label masks by first-order bi-level optimization.** Free logits ``z ~ U(-1, 1)`` per unit and
+   sample; for ``outer_steps`` steps (RMSprop): ``m = sigmoid(10 z)``; ``inner_steps`` steps of
+   soft-masked SGD ``w <- w - inner_lr * m * grad`` from the pretrained weights; outer loss
+   ``KL(w_inner) + lambda * mean(m)``, differentiated through ``m`` only (the inner gradients are
+   constants: first order). The label mask is ``sigmoid(3 z)``, detached.
+3. **Fit the hypernetwork** to the label masks with BCE (RMSprop, cosine schedule), fed the final
+   [CLS] feature of the *mixed* image (what it will see for a real failure).
+
+Vectorization: every pseudo-sample owns a copy of the edited matrices, held as one batched tensor
+``(B, out, in)``; the edited ``fc1``/``fc2`` layers of a private copy of the model are swapped for
+``PerSampleLinear`` (a ``bmm``), so one ordinary batched forward/backward gives every sample's own
+gradient. Since the summed loss couples no two samples, this is numerically the per-sample
+procedure (``label_masks_loop`` runs it one sample at a time; a test compares the two). The frozen
+blocks before the first edited block run once per meta-batch.
+
+Scale-out: under ``torchrun`` each rank makes its own pseudo-samples and the hypernetwork is wrapped
+in DistributedDataParallel (gloo on CPU, nccl on CUDA), so all ranks hold identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import InputDataError, UsageError
+from .models import LoadedModel, Site, forward_prefix, make_suffix
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    steps: int = 2000                 # meta-batches
+    batch: int = 8                    # pseudo-samples per meta-batch (per process)
+    inner_steps: int = 5
+    outer_steps: int = 10
+    inner_lr: float = 1e-3
+    outer_lr: float = 0.1
+    sparsity_weight: float = 1.0      # lambda on mean(m)
+    temperature: float = 5.0
+    mask_sharpness: float = 10.0      # m = sigmoid(10 z) while optimizing
+    label_sharpness: float = 3.0      # label mask = sigmoid(3 z)
+    hypernet_lr: float = 1e-4
+    hypernet_steps: int = 2           # optimizer steps on each meta-batch
+    hypernet_depth: int = 3
+    box_min: float = 3 / 14           # CutMix box side, as a fraction of the patch grid side
+    box_max: float = 8 / 14
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "inner_steps", "outer_steps", "hypernet_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 < self.box_min <= self.box_max <= 1:
+            raise UsageError("CutMix box fractions must satisfy 0 < box_min <= box_max <= 1")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- batched weights
+
+
+class PerSampleLinear:
+    """Marker namespace; see ``_make_per_sample_linear``."""
+
+
+def _make_per_sample_linear(linear: "nn.Linear") -> "nn.Module":
+    """A drop-in for ``linear`` whose weight is a per-sample tensor (B, out, in) set before each call."""
+    from torch import nn
+
+    class _PSL(nn.Module, PerSampleLinear):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.bias = linear.bias  # frozen, shared
+            self.batched_weight: "torch.Tensor | None" = None
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            # (B, N, in) @ (B, in, out) -> (B, N, out)
+            y = x.bmm(self.batched_weight.transpose(1, 2))
+            return y if self.bias is None else y + self.bias
+
+    return _PSL()
+
+
+class BatchedEditor:
+    """A private copy of the model whose edited matrices hold one set of weights per sample."""
+
+    def __init__(self, model: "nn.Module", sites: Sequence[Site]) -> None:
+        self.sites = tuple(sites)
+        self.start = min(s.block for s in sites)
+        self.model = copy.deepcopy(model)
+        self.layers = {}
+        for s in self.sites:
+            mlp = self.model.blocks[s.block].mlp
+            psl = _make_per_sample_linear(getattr(mlp, s.matrix))
+            setattr(mlp, s.matrix, psl)
+            self.layers[s.param] = psl
+        self.base = {s.param: model.get_parameter(s.param).detach() for s in self.sites}
+        self.suffix = make_suffix(self.model, self.start)
+
+    def logits(self, tokens: "torch.Tensor", weights: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        for p, w in weights.items():
+            self.layers[p].batched_weight = w
+        try:
+            return self.suffix(tokens)
+        finally:
+            for p in weights:
+                self.layers[p].batched_weight = None
+
+    def expand_base(self, b: int) -> dict[str, "torch.Tensor"]:
+        return {p: w.unsqueeze(0).expand(b, *w.shape).clone() for p, w in self.base.items()}
+
+
+def _unit_view(site: Site, m: "torch.Tensor") -> "torch.Tensor":
+    """(B, units) mask -> broadcastable over the (B, out, in) weight: fc1 rows, fc2 columns."""
+    return m[:, :, None] if site.dim == 0 else m[:, None, :]
+
+
+def kl_per_sample(logits: "torch.Tensor", target_probs: "torch.Tensor", temperature: float) -> "torch.Tensor":
+    """T^2 KL(target || softmax(logits / T)) per sample: (B, C), (B, C) -> (B,)."""
+    import torch
+
+    logq = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log(target_probs.clamp_min(1e-12))
+    return temperature ** 2 * (target_probs * (logp - logq)).sum(-1)
+
+
+def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Tensor", z_init: dict[str, "torch.Tensor"],
+                cfg: MetaTrainConfig) -> tuple[dict[str, "torch.Tensor"], dict]:
+    """Bi-level optimization of per-sample mask logits, all samples at once.
+
+    tokens (B, N, D) at the first edited block of the *mixed* images; target (B, C) clean soft
+    predictions; z_init per site (B, units). Returns per site (B, units) label masks in (0, 1).
+    """
+    import torch
+
+    z = {p: t.clone().requires_grad_(True) for p, t in z_init.items()}
+    opt = torch.optim.RMSprop(list(z.values()), lr=cfg.outer_lr)
+    b = tokens.shape[0]
+    w0 = editor.expand_base(b)
+    site_of = {s.param: s for s in editor.sites}
+    kl_after = None
+    for _ in range(cfg.outer_steps):
+        m = {p: torch.sigmoid(cfg.mask_sharpness * zz) for p, zz in z.items()}
+        md = {p: v.detach() for p, v in m.items()}
+        w = {p: v.clone() for p, v in w0.items()}
+        g_sum = {p: torch.zeros_like(v) for p, v in w0.items()}
+        for _ in range(cfg.inner_steps):  # soft-masked SGD from the pretrained weights
+            wr = {p: v.requires_grad_(True) for p, v in w.items()}
+            kl = kl_per_sample(editor.logits(tokens, wr), target, cfg.temperature).sum()
+            grads = torch.autograd.grad(kl, list(wr.values()))
+            w = {p: (wr[p] - cfg.inner_lr * _unit_view(site_of[p], md[p]) * g).detach()
+                 for (p, g) in zip(wr, grads)}
+            for p, g in zip(wr, grads):
+                g_sum[p] += g
+        # First order: the inner gradients are constants; w_inner depends on m only through the mask.
+        w_inner = {p: w0[p] - cfg.inner_lr * _unit_view(site_of[p], m[p]) * g_sum[p] for p in w0}
+        kl_s = kl_per_sample(editor.logits(tokens, w_inner), target, cfg.temperature)  # (B,)
+        density = torch.cat([v for v in m.values()], dim=1).mean(1)  # (B,)
+        loss = (kl_s + cfg.sparsity_weight * density).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        kl_after = kl_s.detach()
+    masks = {p: torch.sigmoid(cfg.label_sharpness * zz.detach()) for p, zz in z.items()}
+    return masks, {"kl_after": kl_after}
+
+
+def label_masks_loop(editor: BatchedEditor, tokens, target, z_init, cfg: MetaTrainConfig):
+    """The same procedure one sample at a time (reference for tests and the speed benchmark)."""
+    import torch
+
+    parts = [label_masks(editor, tokens[i:i + 1], target[i:i + 1], {p: t[i:i + 1] for p, t in z_init.items()}, cfg)
+             for i in range(tokens.shape[0])]
+    masks = {p: torch.cat([m[p] for m, _ in parts]) for p in z_init}
+    return masks, {"kl_after": torch.cat([info["kl_after"] for _, info in parts])}
+
+
+# ----------------------------------------------------------------------------- CutMix
+
+
+def patch_grid(model: "nn.Module") -> tuple[tuple[int, int], tuple[int, int]]:
+    """((grid_h, grid_w), (patch_h, patch_w)) read from the model's patch embedding."""
+    pe = model.patch_embed
+    grid = tuple(int(g) for g in pe.grid_size)
+    patch = tuple(int(p) for p in pe.patch_size)
+    return grid, patch
+
+
+def cutmix(base: "torch.Tensor", donor: "torch.Tensor", grid, patch, box_min: float, box_max: float,
+           gen: "torch.Generator") -> "torch.Tensor":
+    """Paste a patch-aligned box of ``donor`` into ``base``: (B, C, H, W) each -> (B, C, H, W)."""
+    import torch
+
+    out = base.clone()
+    (gh, gw), (ph, pw) = grid, patch
+    for i in range(base.shape[0]):
+        sides = []
+        for g in (gh, gw):
+            lo = max(1, round(box_min * g))
+            hi = max(lo, min(g, round(box_max * g)))
+            sides.append(int(torch.randint(lo, hi + 1, (1,), generator=gen)))
+        bh, bw = sides
+        y = int(torch.randint(0, gh - bh + 1, (1,), generator=gen)) * ph
+        x = int(torch.randint(0, gw - bw + 1, (1,), generator=gen)) * pw
+        out[i, :, y:y + bh * ph, x:x + bw * pw] = donor[i, :, y:y + bh * ph, x:x + bw * pw]
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class ImagePool:
+    """Training images: preloaded when small, else opened per batch. Bad files are skipped and counted."""
+
+    def __init__(self, root: Path, loaded: LoadedModel, preload_limit: int = 20000,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
+        from .data import load_tensors, scan_unlabeled
+
+        self.refs = scan_unlabeled(Path(root))
+        self.loaded = loaded
+        self.skipped = 0
+        self.images = None
+        if len(self.refs) <= preload_limit:
+            self.images, self.refs, bad = load_tensors(
+                self.refs, loaded.transform, loaded.channels, skip_bad=True,
+                progress=(lambda d, t: progress("loading images", d, t)) if progress else None)
+            self.skipped = len(bad)
+        if len(self.refs) < 2:
+            raise InputDataError(f"--data {root} has fewer than 2 usable images; meta-training needs a folder of "
+                                 "in-distribution images (any number of sub-folders)")
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def sample(self, n: int, gen: "torch.Generator") -> "torch.Tensor":
+        import torch
+
+        from .data import BadImageError, open_image
+
+        idx = torch.randint(0, len(self.refs), (n,), generator=gen)
+        if self.images is not None:
+            return self.images[idx]
+        out = []
+        for i in idx.tolist():
+            try:
+                out.append(self.loaded.transform(open_image(self.refs[i].path, self.loaded.channels)))
+            except BadImageError:
+                self.skipped += 1
+                out.append(self.sample(1, gen)[0])
+        return torch.stack(out)
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: MetaTrainConfig, out: Path, *,
+               resume: bool = False, device: str = "cpu",
+               progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
+    """Meta-train a hypernetwork for ``loaded`` on the images under ``data``; write ``out/hypernet.*``."""
+    import torch
+    import torch.nn.functional as F
+
+    from .artifacts import atomic_path, write_json
+    from .hypernet import build_hypernet, hypernet_config_for, save_hypernet
+    from .locate import cls_features
+
+    rank, world = _dist_info()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
+    start = min(s.block for s in sites)
+    editor = BatchedEditor(model, sites)
+    grid, patch = patch_grid(model)
+    pool = ImagePool(data, loaded, progress=(lambda d_, n, t: progress(d_, n, t, {})) if progress and rank == 0 else None)
+
+    torch.manual_seed(cfg.seed)  # identical hypernetwork init on every rank
+    net = build_hypernet(hypernet_config_for(loaded.width, loaded.num_heads, sites, cfg.hypernet_depth)).to(device)
+    train_net = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_net = DistributedDataParallel(net)
+    opt = torch.optim.RMSprop(net.parameters(), lr=cfg.hypernet_lr)
+    total_updates = cfg.steps * cfg.hypernet_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_updates))))
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    step, history = 0, []
+    ckpt = out / f"checkpoint-rank{rank}.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["hypernet"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        step = int(state["step"])
+        history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+    elapsed0 = float(history[-1]["elapsed"]) if history else 0.0
+    t0 = time.time()
+
+    def save_checkpoint() -> None:
+        keys = list(history[0].keys()) if history else []
+        rows = torch.tensor([[h[k] for k in keys] for h in history], dtype=torch.float64)
+        with atomic_path(ckpt) as tmp:
+            torch.save({"hypernet": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "generator": gen.get_state(), "step": step, "history": rows, "history_keys": keys}, tmp)
+
+    while step < cfg.steps:
+        clean = pool.sample(cfg.batch, gen).to(device)
+        donor = pool.sample(cfg.batch, gen).to(device)
+        mixed = cutmix(clean, donor, grid, patch, cfg.box_min, cfg.box_max, gen)
+        with torch.no_grad():
+            target = torch.softmax(model(clean) / cfg.temperature, dim=-1)           # (B, C)
+            tokens = forward_prefix(model, mixed, start)                              # (B, N, D), once per batch
+            kl_before = kl_per_sample(make_suffix(model, start)(tokens), target, cfg.temperature)
+        z_init = {s.param: (torch.rand(cfg.batch, s.units, generator=gen) * 2 - 1).to(device) for s in sites}
+        masks, info = label_masks(editor, tokens, target, z_init, cfg)
+        label = torch.cat([masks[s.param] for s in sites], dim=1)                     # (B, units total)
+        feats = cls_features(model, mixed, start)                                     # (B, D)
+        for _ in range(cfg.hypernet_steps):
+            logits = torch.cat(train_net(feats, logits=True), dim=1)                 # (B, units total)
+            bce = F.binary_cross_entropy_with_logits(logits, label)
+            opt.zero_grad(set_to_none=True)
+            bce.backward()
+            opt.step()
+            sched.step()
+        step += 1
+        binary = (label > 0.5).float()
+        stats = {
+            "step": step,
+            "kl_before": float(kl_before.mean()),
+            "kl_after": float(info["kl_after"].mean()),
+            "label_density": float(label.mean()),
+            "label_binary_density": float(binary.mean()),
+            "bce": float(bce.detach()),
+            "diversity": float(binary.std(0).mean()) if cfg.batch > 1 else 0.0,
+            "elapsed": elapsed0 + time.time() - t0,
+        }
+        history.append(stats)
+        if progress and rank == 0:
+            progress("meta-training", step, cfg.steps, stats)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint()
+
+    last = history[-min(50, len(history)):]
+    final = {k: sum(h[k] for h in last) / len(last) for k in ("kl_before", "kl_after", "label_density",
+                                                                "label_binary_density", "bce", "diversity")}
+    summary = {"steps": step, "world_size": world, "images": len(pool), "skipped_images": pool.skipped,
+               "wall_seconds": round(history[-1]["elapsed"], 1) if history else 0.0,
+               "final_mean_last_50": {k: round(v, 5) for k, v in final.items()}}
+    if rank == 0:
+        extra = {"sites": [s.to_json() for s in sites], "blocks": sorted({s.block for s in sites}),
+                 "widths": {s.param: s.units for s in sites}, "meta_train_config": cfg.to_json(), **summary,
+                 "data": str(data)}
+        save_hypernet(out / "hypernet.safetensors", net, loaded.identity, extra)
+        keys = list(history[0].keys())
+        write_json(out / "history.json", {"keys": keys, "rows": [[h[k] for k in keys] for h in history]})
+    return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
+
