@@ -344,6 +344,105 @@ def pull(
     ui.out.print(f"{name}: {path}")
 
 
+@app.command("meta-train")
+def meta_train_cmd(
+    data: Path = typer.Option(..., "--data", help="Folder of in-distribution images (any layout; labels are not used)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the embedded vitedit/fashion-vit."),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks to learn masks for (default: the paper's placement)."),
+    steps: int = typer.Option(2000, "--steps", help="Meta-batches."),
+    batch: int = typer.Option(8, "--batch", help="Pseudo-samples per meta-batch (per process)."),
+    inner_steps: int = typer.Option(5, "--inner-steps"),
+    outer_steps: int = typer.Option(10, "--outer-steps"),
+    inner_lr: float = typer.Option(1e-3, "--inner-lr", help="Soft-masked SGD step of the pseudo-edit (paper: 1e-3 for ViT-B/16)."),
+    sparsity_weight: float = typer.Option(1.0, "--sparsity-weight", help="lambda on the mean mask in the outer loss."),
+    hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    out: Path = typer.Option(Path("hypernet"), "--out", help="Folder for checkpoints and the final hypernet.safetensors."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    device: str = DeviceOpt,
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Meta-train a hypernetwork (label-free; CutMix pseudo-failures). Runs data-parallel under torchrun."""
+    from .metatrain import MetaTrainConfig, run_meta_train
+    from .pipeline import ModelOptions
+
+    ui = UI(as_json, quiet)
+    cfg = MetaTrainConfig(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
+                          sparsity_weight=sparsity_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
+                          seed=seed)
+    with ui.progress() as progress:
+        res = run_meta_train(ModelOptions(model, weights, None, device), data, blocks, cfg, out, resume,
+                             lambda d, n, t, stats=None: progress(d, n, t))
+    if res.get("rank", 0) != 0:
+        return
+    if as_json:
+        return ui.emit_json(res)
+    f = res["final_mean_last_50"]
+    ui.out.print(f"meta-trained {res['steps']} steps on {res['images']} images in {res['wall_seconds']:.0f}s "
+                 f"(world size {res['world_size']}): KL {f['kl_before']:.4f} -> {f['kl_after']:.4f}, label-mask density "
+                 f"{f['label_binary_density']:.3f}, BCE {f['bce']:.4f}, diversity {f['diversity']:.3f}")
+    ui.out.print(f"hypernetwork: {res['hypernet']}")
+
+
+@app.command()
+def examples(as_json: bool = JsonOpt) -> None:
+    """List the failure groups bundled with the default model."""
+    from .demo import examples as list_examples
+
+    ui = UI(as_json, True)
+    groups = list_examples()
+    if as_json:
+        return ui.emit_json({"groups": groups})
+    ui.table("Bundled failure groups (vitedit/fashion-vit)", ["group", "class", "failures", "path"],
+             [[g["group"], g["class"], g["failures"], g["path"]] for g in groups])
+    ui.out.print("try: vitedit locate <path>   or   vitedit demo --group <group>")
+
+
+@app.command()
+def demo(
+    group: Optional[str] = typer.Option(None, "--group", help="Bundled failure group (see `vitedit examples`); default: the largest."),
+    out: Path = typer.Option(Path("vitedit-demo"), "--out", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
+    sparsity: float = typer.Option(0.05, "--sparsity", help="Fraction of units to edit."),
+    device: str = DeviceOpt,
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run the whole job offline on the embedded default model and a bundled failure group."""
+    from .demo import DemoConfig, run_demo
+
+    ui = UI(as_json, quiet)
+    with ui.progress() as progress:
+        res = run_demo(DemoConfig(group, out, sparsity, device=device, seed=seed), progress)
+    if as_json:
+        return ui.emit_json(res)
+    loc, app_, rep, exp = res["locate"], res["apply"], res["report"], res["export"]
+    p = ui.out.print
+    p(f"[bold]1. The problem.[/] {loc['model']} misclassifies {loc['failures']} images of the bundled group "
+      f"'{res['group']}' (a subpopulation withheld from its training set); copied to {res['failures_dir']}.")
+    if loc["note"]:
+        p(f"   note: {loc['note']}")
+    p(f"[bold]2. Locate.[/] The {loc['locator']} locator scored {loc['total_units']} MLP units in blocks "
+      f"{sorted({s['block'] for s in loc['sites']})} using {loc['edit_images']} failures; "
+      f"{loc['holdout_images']} are held out to test generalization.")
+    p(f"[bold]3. Apply.[/] Editing {app_['units_edited']} units ({app_['params_edited']:,} weights, sparsity "
+      f"{app_['sparsity']:g}) for {app_['steps']} steps fixed {_pct(app_['success'])} of the edited images; "
+      f"generalization {_pct(app_['base']['holdout_base_accuracy'])} -> {_pct(app_['generalization'])} on the held-out "
+      f"failures; locality {_pct(app_['locality'])} of {app_['locality_images']} fragile in-distribution images unchanged.")
+    r = rep["recommended"]
+    p(f"[bold]4. Report.[/] Across sparsities {', '.join(f'{x:g}' for x in sorted({q['sparsity'] for q in rep['points']}))} "
+      f"(with random masks for contrast) the recommended sparsity is {r['sparsity']:g}: {r['rule']}. Plot: {rep['plot']}")
+    ui.table("Trade-off", ["sparsity", "mask", "success", "generalization", "locality"],
+             [[f"{q['sparsity']:g}", q["locator"], _pct(q["success"]), _pct(q["generalization"]), _pct(q["locality"])]
+              for q in rep["points"]])
+    p(f"[bold]5. Export.[/] {exp['path']}: ONNX matches PyTorch on {exp['num_checked']} images "
+      f"(top-1 agreement {_pct(exp['top1_agreement'])}, max |logit diff| {exp['max_abs_diff']:.1e}).")
+    p(f"Patch (revertible): {app_['patch']}")
+
+
 # ----------------------------------------------------------------------------- error boundary
 
 

@@ -380,3 +380,35 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
         write_json(out / "history.json", {"keys": keys, "rows": [[h[k] for k in keys] for h in history]})
     return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
 
+
+
+def run_meta_train(model_opts, data: Path, blocks: str | None, cfg: MetaTrainConfig, out: Path, resume: bool = False,
+                   progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
+    """The ``vitedit meta-train`` job: load the model, join a torchrun group if launched by one, train."""
+    import torch
+    import torch.distributed as dist
+
+    from .errors import WorkspaceError
+    from .models import load_model, parse_blocks
+    from .pipeline import resolve_device
+
+    out = Path(out)
+    if (out / "hypernet.safetensors").exists() and not resume:
+        raise WorkspaceError(f"{out / 'hypernet.safetensors'} already exists; pass --resume to continue that run or "
+                             "choose another --out (nothing was overwritten)")
+    device = resolve_device(model_opts.device)
+    started_group = False
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        started_group = True
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    try:
+        loaded = load_model(model_opts.name, weights=model_opts.weights, device=device)
+        sites = loaded.sites(parse_blocks(blocks, loaded.depth))
+        return meta_train(loaded, sites, data, cfg, out, resume=resume, device=device, progress=progress)
+    finally:
+        if started_group:
+            dist.destroy_process_group()

@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--edit-lr", type=float, default=1e-3,
+                   help="edit learning rate recorded as the default model's recommended --lr")
     p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "fashion",
                    help="where `package` writes the shipped assets")
     args = p.parse_args(argv)
