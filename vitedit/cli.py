@@ -443,6 +443,50 @@ def demo(
     p(f"Patch (revertible): {app_['patch']}")
 
 
+@app.command()
+def benchmark(
+    groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated bundled groups (default: all)."),
+    methods: str = typer.Option("hypernet,random,gradient,l1,l2", "--methods"),
+    edit_images: str = typer.Option("1,3", "--edit-images", help="Images per edit (1 = the paper's protocol)."),
+    sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities"),
+    edits_per_group: int = typer.Option(5, "--edits-per-group", help="Edits per group and setting."),
+    hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    max_steps: int = typer.Option(100, "--max-steps"),
+    out: Path = typer.Option(Path("benchmark-results"), "--out"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """The paper's comparison (learned vs random vs gradient masks vs L1/L2 fine-tuning) on the default model."""
+    from .benchmark import BenchmarkConfig, run_benchmark
+
+    ui = UI(as_json, quiet)
+    cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
+                          tuple(m.strip() for m in methods.split(",") if m.strip()),
+                          tuple(int(k) for k in _floats(edit_images, "--edit-images")),
+                          _floats(sparsities, "--sparsities"), edits_per_group=edits_per_group, out=out, seed=seed,
+                          lr=lr, max_steps=max_steps, hypernet=hypernet)
+    with ui.progress() as progress:
+        res = run_benchmark(cfg, progress)
+    if as_json:
+        return ui.emit_json({k: v for k, v in res.items()})
+    for k in res["edit_images"]:
+        rows = [r for r in res["summary"] if r["group"] == "all" and r["edit_images"] == k]
+        ui.table(f"All groups, edits from {k} image(s): mean +/- 95% CI", ["method", "setting", "edits", "success",
+                 "generalization", "locality", "accuracy drop"],
+                 [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], _ci(r, "success"), _ci(r, "generalization"),
+                   _ci(r, "locality"), _ci(r, "accuracy_drop")] for r in rows])
+    ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (results.json, edits.csv, summary.csv, tradeoff.png)")
+
+
+def _ci(r: dict, key: str) -> str:
+    m, ci = r[key], r[f"{key}_ci95"]
+    if m is None:
+        return "n/a"
+    return f"{m:.3f}" if ci is None else f"{m:.3f} +/- {ci:.3f}"
+
+
 # ----------------------------------------------------------------------------- error boundary
 
 

@@ -145,11 +145,15 @@ def first_block(mask_or_sites) -> int:
 
 def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labels: "torch.Tensor",
          config: EditConfig = EditConfig(), *, tokens: "torch.Tensor | None" = None,
+         penalty: tuple[str, float] | None = None,
          progress: Callable[[int, int, float], None] | None = None) -> EditResult:
     """Fit the selected units of a frozen ``model`` to ``labels``; return the patch.
 
     ``images`` (B, C, H, W) or precomputed prefix ``tokens`` (B, N, D) at the first edited block.
-    ``progress(step, max_steps, loss)`` is called after every step.
+    ``penalty=("l1" | "l2", strength)`` adds ``strength * sum |w - w0|`` (or squared) over the free
+    weights to the loss: the paper's regularized fine-tuning baselines (used with a full mask). The
+    stopping rule looks at the cross-entropy alone. ``progress(step, max_steps, loss)`` is called
+    after every step.
     """
     import torch
     import torch.nn.functional as F
@@ -181,6 +185,11 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
             break
         if steps == config.max_steps:
             break
+        if penalty is not None:
+            kind, strength = penalty
+            delta = [free[p] - old[p] for p in free]
+            reg = sum((d.abs().sum() if kind == "l1" else d.pow(2).sum()) for d in delta)
+            loss = loss + strength * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

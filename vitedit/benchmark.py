@@ -1,0 +1,255 @@
+"""``vitedit benchmark``: the paper's comparison on the embedded default (method.md "Benchmark protocol").
+
+For every bundled failure group of the default model and every edit setting (edits from 1 image, the
+paper's protocol, and from 3 images): ``edits_per_group`` edits, each from the unedited model, on
+images drawn with a fixed seed. Every method edits the same images:
+
+- ``hypernet`` / ``gradient`` / ``random``: masks at each sparsity (fraction of units edited);
+- ``l1`` / ``l2``: dense fine-tuning of the same matrices with an L1 / L2 penalty toward the original
+  weights, strength swept.
+
+Per edit: **success** (edit images now correct), **generalization** (the group's *other* failures
+now correct), **locality** (share of the bundled sensitive set whose top-1 is unchanged) and
+**accuracy drop** (base minus edited accuracy on the bundled in-distribution test sample). Aggregates:
+mean and 95% confidence interval (normal approximation, 1.96 standard errors) per group and overall.
+
+Everything frozen is computed once: prefix tokens of all groups, the sensitive set and the test
+sample at the first edited block, and the base predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .artifacts import atomic_path, write_json
+from .errors import UsageError
+
+SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
+L1_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
+L2_STRENGTHS = (1e-2, 1e-1, 1.0, 10.0)
+METHODS = ("hypernet", "random", "gradient", "l1", "l2")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    groups: tuple[str, ...] | None = None
+    methods: tuple[str, ...] = METHODS
+    edit_images: tuple[int, ...] = (1, 3)
+    sparsities: tuple[float, ...] = SPARSITIES
+    l1_strengths: tuple[float, ...] = L1_STRENGTHS
+    l2_strengths: tuple[float, ...] = L2_STRENGTHS
+    edits_per_group: int = 5
+    out: Path = Path("benchmark-results")
+    seed: int = 0
+    lr: float | None = None
+    max_steps: int = 100
+    hypernet: Path | None = None
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise UsageError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        if any(k < 1 for k in self.edit_images):
+            raise UsageError("--edit-images: each value must be at least 1")
+        if self.edits_per_group < 1:
+            raise UsageError("--edits-per-group must be at least 1")
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and the half-width of a 95% normal-approximation confidence interval."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
+    return m, 1.96 * math.sqrt(var / len(vals))
+
+
+def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None]) -> dict:
+    import torch
+
+    from .data import load_tensors, scan_labeled, scan_unlabeled
+    from .demo import examples
+    from .edit import EditConfig, edit
+    from .evaluate import TokenCache
+    from .hypernet import load_hypernet
+    from .locate import LocateInputs, cls_features, gradient_locator, random_locator
+    from .masks import UnitScores
+    from .models import load_model
+    from .pipeline import default_hypernet_for, default_locality_dir
+
+    t_start = time.time()
+    loaded = load_model(None)
+    model = loaded.model
+    sites = tuple(loaded.sites())
+    start = min(s.block for s in sites)
+    all_groups = {g["group"]: g for g in examples()}
+    groups = list(cfg.groups) if cfg.groups else sorted(all_groups)
+    unknown = [g for g in groups if g not in all_groups]
+    if unknown:
+        raise UsageError(f"--groups: unknown {', '.join(unknown)}; see `vitedit examples`")
+    methods = list(cfg.methods)
+    hypernet = None
+    if "hypernet" in methods:
+        path = cfg.hypernet or default_hypernet_for(loaded)
+        if path is None:
+            raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
+        hypernet, _ = load_hypernet(Path(path), loaded.identity, sites)
+
+    def load_set(refs, what):
+        x, good, _ = load_tensors(refs, loaded.transform, loaded.channels, progress=lambda d, t: progress(what, d, t))
+        return x, good
+
+    progress("caching", 0, 3)
+    sens_x, _ = load_set(scan_unlabeled(default_locality_dir(loaded)), "loading locality set")
+    sens = TokenCache(model, start, sens_x)
+    sens_base = sens.predict()
+    from .models import DEFAULT_ASSETS
+
+    test_x, test_refs = load_set(scan_labeled(DEFAULT_ASSETS / "test", loaded.labels), "loading test sample")
+    test_y = torch.tensor([r.label for r in test_refs])
+    test = TokenCache(model, start, test_x)
+    base_test_acc = float((test.predict() == test_y).float().mean())
+    group_data = {}
+    for g in groups:
+        x, refs = load_set(scan_labeled(Path(all_groups[g]["path"]), loaded.labels), f"loading {g}")
+        y = torch.tensor([r.label for r in refs])
+        cache = TokenCache(model, start, x)
+        feats = cls_features(model, x, start) if hypernet is not None else None
+        group_data[g] = (x, y, cache, feats)
+    progress("caching", 3, 3)
+
+    edit_lr = cfg.lr if cfg.lr is not None else loaded.edit_defaults.get("lr", EditConfig().lr)
+    edit_cfg = EditConfig(lr=edit_lr, max_steps=cfg.max_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    plan = []  # (group, k, edit index, rows)
+    for g in groups:
+        n = len(group_data[g][1])
+        for k in cfg.edit_images:
+            if n <= k:
+                continue
+            for e in range(cfg.edits_per_group):
+                rows = torch.randperm(n, generator=gen)[:k].sort().values.tolist()
+                plan.append((g, k, e, rows))
+    variants = []
+    for m in methods:
+        if m in ("hypernet", "random", "gradient"):
+            variants += [(m, "sparsity", s) for s in cfg.sparsities]
+        else:
+            variants += [(m, "strength", s) for s in (cfg.l1_strengths if m == "l1" else cfg.l2_strengths)]
+
+    rows_out = []
+    total = len(plan) * len(variants)
+    done = 0
+    for g, k, e, rows in plan:
+        x, y, cache, feats = group_data[g]
+        others = [i for i in range(len(y)) if i not in set(rows)]
+        edit_tokens, edit_labels = cache.tokens[rows], y[rows]
+        per_image = {}
+        if "hypernet" in methods:
+            with torch.no_grad():
+                scores = hypernet(feats[rows])
+            per_image["hypernet"] = UnitScores(sites, {s.param: sc.mean(0) for s, sc in zip(sites, scores)}, "hypernet")
+        if "gradient" in methods:
+            gs = gradient_locator(LocateInputs(model, sites, x[rows], edit_labels))
+            per_image["gradient"] = UnitScores(sites, {p: v.mean(0) for p, v in gs.items()}, "gradient")
+        if "random" in methods:
+            rs = random_locator(LocateInputs(model, sites, None, None, seed=cfg.seed * 100003 + len(rows_out)))
+            per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")
+        full = UnitScores(sites, {s.param: torch.ones(s.units) for s in sites}, "all").select(1.0)
+        for method, knob, value in variants:
+            if knob == "sparsity":
+                mask, penalty = per_image[method].select(value), None
+            else:
+                mask, penalty = full, (method, value)
+            res = edit(model, mask, None, edit_labels, edit_cfg, tokens=edit_tokens, penalty=penalty)
+            w = res.patch.weights(model)
+            gen_acc = float((cache.predict(w)[others] == y[others]).float().mean()) if others else None
+            rows_out.append({
+                "group": g, "edit_images": k, "edit": e, "method": method, knob: value,
+                "sparsity": value if knob == "sparsity" else None, "strength": value if knob == "strength" else None,
+                "units_edited": mask.selected, "steps": res.steps, "converged": res.converged,
+                "success": res.edit_accuracy, "generalization": gen_acc,
+                "locality": float((sens.predict(w) == sens_base).float().mean()),
+                "accuracy_drop": base_test_acc - float((test.predict(w) == test_y).float().mean()),
+            })
+            done += 1
+            progress("benchmark edits", done, total)
+
+    summary = aggregate(rows_out)
+    result = {
+        "model": loaded.name, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
+        "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
+        "sensitive_images": len(sens), "test_images": len(test_y), "base_test_accuracy": base_test_acc,
+        "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                   for k, v in asdict(cfg).items()},
+        "wall_seconds": round(time.time() - t_start, 1),
+        "summary": summary,
+    }
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", {**result, "edits": rows_out})
+    with atomic_path(out / "edits.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows_out[0].keys()) if rows_out else ["group"])
+        writer.writeheader()
+        writer.writerows(rows_out)
+    with atomic_path(out / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()) if summary else ["method"])
+        writer.writeheader()
+        writer.writerows(summary)
+    plot_benchmark(summary, out, cfg.edit_images)
+    result["out"] = str(out)
+    return result
+
+
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+    """Overall (group "all") and per-group mean and 95% CI for every (edit_images, method, setting)."""
+    keys = {}
+    for r in rows:
+        setting = r["sparsity"] if r["sparsity"] is not None else r["strength"]
+        for grp in ("all", r["group"]):
+            keys.setdefault((grp, r["edit_images"], r["method"], setting), []).append(r)
+    out = []
+    for (grp, k, method, setting), rs in sorted(keys.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], kv[0][1],
+                                                                               kv[0][2], kv[0][3])):
+        entry = {"group": grp, "edit_images": k, "method": method,
+                 "setting": setting, "knob": "sparsity" if rs[0]["sparsity"] is not None else "strength", "edits": len(rs)}
+        for metric in ("success", "generalization", "locality", "accuracy_drop"):
+            m, ci = mean_ci([r[metric] for r in rs])
+            entry[metric] = None if m is None else round(m, 4)
+            entry[f"{metric}_ci95"] = None if ci is None else round(ci, 4)
+        out.append(entry)
+    return out
+
+
+def plot_benchmark(summary: Sequence[dict], out: Path, edit_images: Sequence[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(edit_images), figsize=(5.5 * len(edit_images), 4.5), dpi=120, squeeze=False)
+    for ax, k in zip(axes[0], edit_images):
+        rows = [r for r in summary if r["group"] == "all" and r["edit_images"] == k]
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["setting"])
+            xs = [r["locality"] for r in pts]
+            ys = [r["generalization"] for r in pts]
+            ax.errorbar(xs, ys, xerr=[r["locality_ci95"] or 0 for r in pts], yerr=[r["generalization_ci95"] or 0 for r in pts],
+                        marker="o", capsize=2, label=method)
+        ax.set_xlabel("locality (sensitive set unchanged)")
+        ax.set_ylabel("generalization (other failures fixed)")
+        ax.set_title(f"edits from {k} image{'s' if k > 1 else ''} (mean, 95% CI)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "tradeoff.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
