@@ -77,13 +77,13 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
 
     from .data import load_tensors, scan_labeled, scan_unlabeled
     from .demo import examples
-    from .edit import EditConfig, edit
+    from .edit import edit
     from .evaluate import TokenCache
     from .hypernet import load_hypernet
     from .locate import LocateInputs, cls_features, gradient_locator, random_locator
     from .masks import UnitScores
     from .models import load_model
-    from .pipeline import default_hypernet_for, default_locality_dir
+    from .pipeline import default_hypernet_for, default_locality_dir, resolve_edit_config
 
     t_start = time.time()
     loaded = load_model(None)
@@ -126,8 +126,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         group_data[g] = (x, y, cache, feats)
     progress("caching", 3, 3)
 
-    edit_lr = cfg.lr if cfg.lr is not None else loaded.edit_defaults.get("lr", EditConfig().lr)
-    edit_cfg = EditConfig(lr=edit_lr, max_steps=cfg.max_steps)
+    edit_cfg = resolve_edit_config(loaded, {"lr": cfg.lr, "max_steps": cfg.max_steps})
+    edit_lr = edit_cfg.lr
     gen = torch.Generator().manual_seed(cfg.seed)
     plan = []  # (group, k, edit index, rows)
     for g in groups:

@@ -108,13 +108,9 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise UsageError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} 0.01,0.05,0.1") from None
 
 
-def _edit_config(lr: Optional[float], max_steps: Optional[int]):
-    if lr is None and max_steps is None:
-        return None  # the model's recommended settings
-    from .edit import EditConfig
-
-    base = EditConfig()
-    return EditConfig(lr=lr if lr is not None else base.lr, max_steps=max_steps if max_steps is not None else base.max_steps)
+def _edit_config(lr: Optional[float], max_steps: Optional[int]) -> dict:
+    """Only the flags the user gave; the library merges them over the model's recommended settings."""
+    return {"lr": lr, "max_steps": max_steps}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -142,6 +138,7 @@ def locate(
     hypernet: Optional[str] = typer.Option(None, "--hypernet", help="Hypernetwork file, registry name or URL."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks whose MLP may be edited, e.g. 7,8,9 or 7-9. Default: 3 blocks ending 2 before the last."),
     holdout: float = typer.Option(0.3, "--holdout", help="Share of the failures kept out of the edit to measure generalization."),
+    edit_images: Optional[int] = typer.Option(None, "--edit-images", help="Edit with at most N failures; hold out all the others."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
     skip_bad_images: bool = SkipBadOpt,
     workspace: Path = WorkspaceOpt,
@@ -155,7 +152,7 @@ def locate(
 
     ui = UI(as_json, quiet)
     cfg = LocateConfig(failures, ModelOptions(model, weights, labels, device, offline or None), locator, hypernet,
-                       blocks, holdout, seed, workspace, skip_bad_images)
+                       blocks, holdout, seed, workspace, skip_bad_images, edit_images)
     with ui.progress() as progress:
         res = run_locate(cfg, progress)
     if as_json:
@@ -406,6 +403,7 @@ def demo(
     group: Optional[str] = typer.Option(None, "--group", help="Bundled failure group (see `vitedit examples`); default: the largest."),
     out: Path = typer.Option(Path("vitedit-demo"), "--out", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
     sparsity: float = typer.Option(0.05, "--sparsity", help="Fraction of units to edit."),
+    edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
     device: str = DeviceOpt,
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
@@ -416,7 +414,7 @@ def demo(
 
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
-        res = run_demo(DemoConfig(group, out, sparsity, device=device, seed=seed), progress)
+        res = run_demo(DemoConfig(group, out, sparsity, device=device, seed=seed, edit_images=edit_images), progress)
     if as_json:
         return ui.emit_json(res)
     loc, app_, rep, exp = res["locate"], res["apply"], res["report"], res["export"]

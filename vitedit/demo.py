@@ -48,6 +48,7 @@ class DemoConfig:
     sparsities: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
     device: str = "cpu"
     seed: int = 0
+    edit_images: int = 10
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict:
@@ -65,7 +66,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict
         shutil.rmtree(failures)  # our own copy from a previous demo run
     shutil.copytree(src, failures)
     ws = out / "workspace"
-    located = run_locate(LocateConfig(failures, ModelOptions(device=cfg.device), seed=cfg.seed, workspace=ws), progress)
+    located = run_locate(LocateConfig(failures, ModelOptions(device=cfg.device), seed=cfg.seed, workspace=ws,
+                                      max_edit_images=cfg.edit_images), progress)
     applied = run_apply(ApplyConfig(ws, cfg.sparsity, device=cfg.device), progress)
     reported = run_report(ReportConfig(ws, cfg.sparsities, plot=out / "tradeoff.png", device=cfg.device), progress)
     exported = run_export(ExportJob(out / "edited.onnx", ws), progress)

@@ -388,6 +388,13 @@ def _load_with_weights(name: str, path: Path, labels_file: Path | None) -> Loade
     if head is not None and head.ndim == 2:
         kwargs["num_classes"] = int(head.shape[0])
     model = _create(name, pretrained=False, **kwargs)
+    own = model.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise ModelError(f"--weights {path} does not fit {name}: {len(wrong_shape)} tensors have other shapes (e.g. {k}: "
+                         f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model); pass the --model it "
+                         "was trained as")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -408,12 +415,13 @@ def _load_timm(name: str, labels_file: Path | None, offline: bool | None) -> Loa
 
     from timm.data import resolve_model_data_config
 
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1])
         if not folder.is_dir():
             raise ModelError(f"{name}: folder not found; local-dir: needs a folder with config.json and weights")
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         model = _create(name, pretrained=True)
     except ModelError:
@@ -422,4 +430,10 @@ def _load_timm(name: str, labels_file: Path | None, offline: bool | None) -> Loa
         raise DownloadError(
             f"could not fetch pretrained weights for {name} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "check the network, or pass --weights FILE with a local copy (HF_HUB_OFFLINE uses only the cache)") from None
+    finally:
+        if offline:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
     return LoadedModel(model, name, _labels_for(model, labels_file), resolve_model_data_config(model), "timm")

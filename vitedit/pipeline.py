@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from . import __version__
 from .artifacts import atomic_path, load_tensors, save_tensors, write_json
 from .edit import EditConfig, Patch, edit
-from .errors import InputDataError, UsageError, VitEditError, WorkspaceError
+from .errors import InputDataError, ModelError, UsageError, WorkspaceError
 from .masks import units_for, validate_density
 from .models import DEFAULT_ASSETS, DEFAULT_MODEL, LoadedModel, Site, load_model, parse_blocks
 from .workspace import Workspace
@@ -56,16 +56,19 @@ class LocateConfig:
     seed: int = 0
     workspace: Path = Path(".vitedit")
     skip_bad_images: bool = False
+    max_edit_images: int | None = None  # cap on the edit images; every other failure is held out
 
     def __post_init__(self) -> None:
         _check_holdout(self.holdout)
+        if self.max_edit_images is not None and self.max_edit_images < 1:
+            raise UsageError(f"--edit-images {self.max_edit_images}: give at least 1")
 
 
 @dataclass(frozen=True)
 class ApplyConfig:
     workspace: Path = Path(".vitedit")
     sparsity: float = 0.05
-    edit: EditConfig | None = None   # None: the model's recommended settings, else the paper's
+    edit: dict | None = None         # overrides (lr, max_steps) over the model's recommended settings
     holdout: float | None = None     # None: the split recorded by locate
     generalization: Path | None = None
     locality: Path | None = None
@@ -87,7 +90,7 @@ class ReportConfig:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     min_locality: float = 0.9
     plot: Path | None = None
-    edit: EditConfig | None = None
+    edit: dict | None = None
     holdout: float | None = None
     generalization: Path | None = None
     locality: Path | None = None
@@ -132,9 +135,14 @@ def resolve_device(device: str) -> str:
 
 def _load_workspace_model(ws: Workspace, state: dict, device: str) -> LoadedModel:
     spec = state["model"]
-    loaded = load_model(spec["name"], weights=Path(spec["weights"]) if spec.get("weights") else None,
-                        labels_file=Path(spec["labels_file"]) if spec.get("labels_file") else None,
-                        device=resolve_device(device))
+    try:
+        loaded = load_model(spec["name"], weights=Path(spec["weights"]) if spec.get("weights") else None,
+                            labels_file=Path(spec["labels_file"]) if spec.get("labels_file") else None,
+                            device=resolve_device(device))
+    except ModelError as e:
+        raise WorkspaceError(f"the workspace {ws.root} was made for {spec['name']}"
+                             f"{' with ' + spec['weights'] if spec.get('weights') else ''}, which no longer loads ({e}); "
+                             "rerun `vitedit locate` or use another --workspace") from None
     if loaded.weights_sha256 != spec["weights_sha256"]:
         raise WorkspaceError(
             f"the workspace {ws.root} was made for {spec['name']} (weights {spec['weights_sha256'][:12]}) but the model "
@@ -171,12 +179,16 @@ def _predict(model, images: "torch.Tensor", batch: int = 256) -> "torch.Tensor":
             torch.empty(0)
 
 
-def split_rows(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of ``n`` failures into (edit rows, held-out rows); at least one edit row."""
+def split_rows(n: int, holdout: float, seed: int, max_edit: int | None = None) -> tuple[list[int], list[int]]:
+    """Seeded split of ``n`` failures into (edit rows, held-out rows); at least one edit row and at
+    most ``max_edit`` (the rest is held out)."""
     import torch
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_hold = min(int(round(holdout * n)), n - 1)
+    n_hold = int(round(holdout * n))
+    if max_edit is not None:
+        n_hold = max(n_hold, n - max_edit)
+    n_hold = min(n_hold, n - 1)
     return sorted(perm[n_hold:]), sorted(perm[:n_hold])
 
 
@@ -243,7 +255,7 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
         progress(f"scoring units ({locator})", 0, 1)
         per_image = get_locator(locator)(LocateInputs(loaded.model, sites, fail_images, fail_labels, cfg.seed, hypernet))
         progress(f"scoring units ({locator})", 1, 1)
-        edit_rows, hold_rows = split_rows(len(failing), cfg.holdout, cfg.seed)
+        edit_rows, hold_rows = split_rows(len(failing), cfg.holdout, cfg.seed, cfg.max_edit_images)
         scores = aggregate(per_image, sites, edit_rows, locator)
 
         save_tensors(ws.path("images.safetensors"), {"images": fail_images, "labels": fail_labels},
@@ -271,6 +283,7 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
             "failing": failing,
             "skipped": [{"path": str(b.path), "reason": b.reason} for b in bad],
             "holdout": cfg.holdout,
+            "max_edit_images": cfg.max_edit_images,
             "seed": cfg.seed,
         }
         ws.save_state(state)
@@ -338,7 +351,7 @@ class _Job:
 
 
 def _prepare(ws: Workspace, holdout: float | None, generalization: Path | None, locality: Path | None,
-             seed: int | None, device: str, edit_config: EditConfig | None, skip_bad: bool,
+             seed: int | None, device: str, edit_config: dict | None, skip_bad: bool,
              progress: Progress) -> _Job:
     from .evaluate import EvalSets, TokenCache, accuracy
 
@@ -360,7 +373,8 @@ def _prepare(ws: Workspace, holdout: float | None, generalization: Path | None, 
         g_images, g_labels = g_images.to(dev), g_labels.to(dev)
         gen_source = f"{generalization}"
     else:
-        edit_rows, hold_rows = split_rows(len(images), state["holdout"] if holdout is None else holdout, seed)
+        edit_rows, hold_rows = split_rows(len(images), state["holdout"] if holdout is None else holdout, seed,
+                                          state.get("max_edit_images"))
         g_images, g_labels = images[hold_rows], labels[hold_rows]
         gen_source = "held-out failures"
 
@@ -381,13 +395,17 @@ def _prepare(ws: Workspace, holdout: float | None, generalization: Path | None, 
     sets = EvalSets(edit_tokens, labels[edit_rows], holdout_cache, g_labels if holdout_cache else None,
                     loc_cache, loc_base)
     base_metrics = sets.measure({})
-    if edit_config is None:
-        edit_config = EditConfig(**loaded.edit_defaults) if loaded.edit_defaults else EditConfig()
+    edit_config = resolve_edit_config(loaded, edit_config)
     return _Job(ws, state, loaded, sites, edit_tokens.tokens, labels[edit_rows], sets, per_image, edit_rows, hold_rows,
                 edit_config, seed, locality_dir, gen_source,
                 base={"success": base_metrics.success, "generalization": base_metrics.generalization,
                       "holdout_base_accuracy": accuracy(holdout_cache.predict(), g_labels) if holdout_cache else None},
                 skipped=skipped)
+
+
+def resolve_edit_config(loaded: LoadedModel, overrides: dict | None) -> EditConfig:
+    """Defaults in one place: the paper's EditConfig, then the model's recommendation, then the flags."""
+    return EditConfig(**{**loaded.edit_defaults, **{k: v for k, v in (overrides or {}).items() if v is not None}})
 
 
 def _scores(job: _Job, locator: str):
@@ -439,7 +457,8 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
             "edit_lr": job.edit_config.lr,
             "max_steps": job.edit_config.max_steps,
             "edit_images": len(job.edit_rows),
-            "holdout_images": len(job.hold_rows) if cfg.generalization is None else len(job.sets.holdout_labels or []),
+            "holdout_images": len(job.hold_rows) if cfg.generalization is None else (
+                len(job.sets.holdout_labels) if job.sets.holdout_labels is not None else 0),
             "generalization_source": job.generalization_source,
             "locality_images": len(job.sets.locality) if job.sets.locality is not None else 0,
             "locality_source": str(job.locality_dir) if job.locality_dir else None,

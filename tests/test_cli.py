@@ -1,0 +1,357 @@
+"""End-to-end tests of the ``vitedit`` command line, run in-process through ``vitedit.cli.main`` (the
+real error boundary and exit codes) on timm's ``test_vit`` with a local weights file, generated
+image folders, CPU, offline.
+
+One module-scoped job runs locate -> apply -> report once; the tests read its outputs. Tests that
+change a workspace work on a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_images
+
+from vitedit import __version__
+from vitedit.cli import main
+from vitedit.workspace import Workspace
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """Run ``vitedit ARGS`` in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    code = e.value.code
+    return (0 if code is None else int(code)), out.getvalue(), err.getvalue()
+
+
+def cli_json(*args) -> dict:
+    code, out, err = cli(*args, "--json")
+    assert code == 0, err
+    return json.loads(out)  # raises if stdout holds anything but one JSON document
+
+
+def model_args(weights: Path, labels: Path) -> list[str]:
+    return ["--model", "test_vit", "--weights", str(weights), "--labels", str(labels)]
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_weights, labels_file):
+    """locate -> apply -> report in a fresh folder, with the default workspace ./.vitedit."""
+    root = tmp_path_factory.mktemp("cli-job")
+    failures = write_images(root / "failures", {"cat": 6, "dog": 6, "T-shirt_top": 6}, seed=1)
+    locality = write_images(root / "locality", {"a": 8, "b": 8}, seed=2)
+    outputs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for name, args in [
+            ("locate", ["locate", failures, *model_args(tiny_weights, labels_file)]),
+            ("apply", ["apply", "--max-steps", "5", "--lr", "1e-3", "--locality", locality]),
+            ("report", ["report", "--sparsities", "0.05,0.25", "--max-steps", "3", "--plot", "p.png"]),
+        ]:
+            code, out, err = cli(*args, "--json")
+            outputs[name] = (code, out, err)
+    return {"root": root, "ws": root / ".vitedit", "failures": failures, "locality": locality, **outputs}
+
+
+def result(job, name) -> dict:
+    code, out, err = job[name]
+    assert code == 0, err
+    return json.loads(out)
+
+
+def copy_workspace(job, dest: Path) -> Path:
+    shutil.copytree(job["ws"], dest)
+    (dest / "lock").unlink(missing_ok=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------- the happy path
+
+
+@pytest.mark.parametrize("name", ["locate", "apply", "report"])
+def test_json_mode_prints_only_one_json_object(job, name):
+    code, out, err = job[name]
+    assert code == 0, err
+    obj, end = json.JSONDecoder().raw_decode(out)
+    assert isinstance(obj, dict)
+    assert out[end:].strip() == ""
+    assert err == ""  # no progress bars or notes with --json
+
+
+def test_locate_result(job, tiny_weights):
+    res = result(job, "locate")
+    assert res["model"] == "test_vit" and res["locator"] == "gradient"  # no hypernetwork ships for test_vit
+    assert [(s["block"], s["matrix"]) for s in res["sites"]] == [
+        (b, m) for b in (1, 2, 3) for m in ("fc1", "fc2")]  # the default placement for 6 blocks
+    assert all(s["units"] == 192 for s in res["sites"])  # test_vit: width 64, mlp_ratio 3
+    assert res["total_units"] == 6 * 192
+    assert res["failures"] > 0 and res["failures"] + res["already_correct"] == 18
+    assert res["edit_images"] + res["holdout_images"] == res["failures"]
+    assert (job["ws"] / "workspace.json").is_file() and (job["ws"] / "scores.safetensors").is_file()
+    state = json.loads((job["ws"] / "workspace.json").read_text())
+    assert state["model"]["weights"] == str(Path(tiny_weights).resolve())
+    assert len(state["failing"]) == res["failures"]
+
+
+def test_apply_result(job):
+    from vitedit.masks import units_for
+
+    res = result(job, "apply")
+    assert res["sparsity"] == 0.05
+    assert res["units_edited"] == units_for(0.05, 6 * 192) == 58
+    assert res["params_edited"] == res["units_edited"] * 64  # one width-64 row / column per unit
+    assert 0 <= res["steps"] <= 5 and res["max_steps"] == 5 and res["edit_lr"] == 1e-3
+    for k in ("success", "locality"):
+        assert 0.0 <= res[k] <= 1.0
+    assert res["generalization"] is None or 0.0 <= res["generalization"] <= 1.0
+    assert res["locality_images"] == 16 and res["locality_note"] is None
+    assert (job["root"] / res["patch"]).resolve() == (job["ws"] / "patch.safetensors").resolve()  # relative to cwd
+    assert (job["ws"] / "patch.json").is_file() and (job["ws"] / "edited.safetensors").is_file()
+
+
+def test_report_result_and_plot(job):
+    res = result(job, "report")
+    pts = res["points"]
+    assert sorted((p["sparsity"], p["locator"]) for p in pts) == [
+        (0.05, "gradient"), (0.05, "random"), (0.25, "gradient"), (0.25, "random")]
+    for p in pts:
+        assert set(p) >= {"sparsity", "locator", "success", "generalization", "locality"}
+        assert p["steps"] <= 3
+        assert p["locality"] is None  # report was given no --locality
+    rec = res["recommended"]
+    assert rec["locator"] == "gradient" and rec["sparsity"] in (0.05, 0.25)
+    assert set(rec) >= {"sparsity", "success", "generalization", "locality", "rule"}
+    plot = job["root"] / "p.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == PNG_SIGNATURE
+    assert json.loads((job["ws"] / "report.json").read_text())["points"] == pts
+
+
+def test_edited_model_differs_from_the_base_only_inside_the_patch(job, tiny_weights):
+    from safetensors.torch import load_file
+
+    from vitedit.edit import Patch
+
+    result(job, "apply")
+    base = load_file(str(tiny_weights))
+    edited = load_file(str(job["ws"] / "edited.safetensors"))
+    patch, meta = Patch.load(job["ws"] / "patch.safetensors")
+    assert meta["sparsity"] == 0.05 and meta["model"]["name"] == "test_vit"
+    assert set(edited) == set(base)
+    edited_params = {s.param: s for s in patch.sites}
+    changed_any = False
+    for k, b in base.items():
+        e = edited[k]
+        if k not in edited_params:
+            assert torch.equal(e, b), k
+            continue
+        s = edited_params[k]
+        inside = torch.zeros(s.units, dtype=torch.bool)
+        inside[patch.indices[k]] = True
+        outside = (~inside).nonzero().flatten()
+        assert torch.equal(e.index_select(s.dim, outside), b.index_select(s.dim, outside)), k
+        assert torch.equal(e.index_select(s.dim, patch.indices[k]), patch.new[k])
+        assert torch.equal(b.index_select(s.dim, patch.indices[k]), patch.old[k])
+        changed_any |= not torch.equal(e, b)
+    assert changed_any
+    assert sum(int(i.numel()) for i in patch.indices.values()) == 58
+
+
+def test_export_of_the_edited_model(job, tmp_path):
+    pytest.importorskip("vitedit.export")
+    ws = copy_workspace(job, tmp_path / "ws")
+    res = cli_json("export", tmp_path / "edited.onnx", "-w", ws)
+    out = tmp_path / "edited.onnx"
+    assert Path(res["path"]).resolve() == out.resolve() and out.is_file()
+    assert res["base"] is False
+    assert res["max_abs_diff"] <= res["atol"] and res["top1_agreement"] == 1.0
+    assert not list(tmp_path.glob("*.onnx.data"))
+
+
+# ----------------------------------------------------------------------------- failures and exit codes
+
+
+def test_workspace_refuses_a_model_with_other_weights(tmp_path, tiny_weights, labels_file, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_weights, weights)
+    failures = write_images(tmp_path / "failures", {"cat": 3, "dog": 3, "ship": 3}, seed=5)
+    code, _, err = cli("locate", failures, *model_args(weights, labels_file), "--json")
+    assert code == 0, err
+
+    torch.manual_seed(123)  # same architecture, other weights: only the weight hash can tell them apart
+    other = timm.create_model("test_vit", pretrained=False, num_classes=4)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    code, out, err = cli("apply", "--max-steps", "1")
+    assert code == 8
+    assert out == ""
+    line = one_error_line(err)
+    assert "vitedit locate" in line and "weights" in line
+
+
+def test_workspace_refuses_weights_of_another_architecture(tmp_path, tiny_weights, labels_file, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_weights, weights)
+    failures = write_images(tmp_path / "failures", {"cat": 3, "dog": 3, "ship": 3}, seed=5)
+    assert cli("locate", failures, *model_args(weights, labels_file), "--json")[0] == 0
+    other = timm.create_model("test_vit2", pretrained=False, num_classes=4)  # 8 blocks, register tokens
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    code, _, err = cli("apply", "--max-steps", "1")
+    assert code == 8, err
+    assert "vitedit locate" in one_error_line(err)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--locator", "hypernet"], "--hypernet"),
+    (["--locator", "bogus"], "--locator"),
+    (["--blocks", "4-6"], "--blocks"),
+    (["--holdout", "1.0"], "--holdout"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_locate_usage_errors(job, tmp_path, tiny_weights, labels_file, extra, needle):
+    code, out, err = cli("locate", job["failures"], *model_args(tiny_weights, labels_file), "-w", tmp_path / "ws",
+                         *extra, "--json")
+    assert code == 2 and out == ""
+    assert needle in one_error_line(err)
+    assert not (tmp_path / "ws" / "workspace.json").exists()
+
+
+def test_apply_without_locate_names_the_missing_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("apply")
+    assert code == 8 and out == ""
+    assert "`vitedit locate" in one_error_line(err)
+
+
+@pytest.mark.parametrize("args", [["apply", "--sparsity", "0"], ["apply", "--sparsity", "1.5"],
+                                  ["apply", "--sparsity", "-0.1"], ["report", "--sparsities", "0.05,0"],
+                                  ["report", "--sparsities", "0.1,abc"]])
+def test_invalid_sparsity_is_a_usage_error(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(*args)
+    assert code == 2 and out == ""
+    assert "--sparsit" in one_error_line(err)
+
+
+def test_folder_the_model_already_gets_right_exits_3(job, tmp_path, tiny_weights, labels_file):
+    from vitedit.data import safe_label_name
+
+    state = json.loads((job["ws"] / "workspace.json").read_text())
+    right = tmp_path / "right"
+    for i, img in enumerate(state["images"]):  # file every image under the class the model predicts
+        d = right / safe_label_name(state["labels"][img["prediction"]])
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(img["path"], d / f"{i}.png")
+    code, out, err = cli("locate", right, *model_args(tiny_weights, labels_file), "-w", tmp_path / "ws")
+    assert code == 3 and out == ""
+    assert "nothing to edit" in one_error_line(err)
+
+
+def test_locked_workspace_is_refused(tmp_path, monkeypatch, tiny_weights, labels_file):
+    monkeypatch.chdir(tmp_path)
+    with Workspace(tmp_path / ".vitedit").lock():
+        for args in (["apply"], ["report"], ["locate", tmp_path, *model_args(tiny_weights, labels_file)]):
+            code, out, err = cli(*args)
+            assert code == 8, (args, err)
+            assert "another vitedit command" in one_error_line(err)
+    assert cli("apply")[0] == 8  # released: now it fails for the missing locate, not the lock
+    assert "vitedit locate" in cli("apply")[2]
+
+
+def test_apply_with_a_generalization_folder(job, tmp_path):
+    ws = copy_workspace(job, tmp_path / "ws")
+    res = cli_json("apply", "-w", ws, "--max-steps", "1", "--generalization", job["failures"])
+    assert res["holdout_images"] == 18
+    assert res["edit_images"] == result(job, "locate")["failures"]
+
+
+def test_a_new_locate_discards_the_previous_edit(job, tmp_path, tiny_weights, labels_file):
+    ws = copy_workspace(job, tmp_path / "ws")
+    assert (ws / "patch.safetensors").exists() and (ws / "report.json").exists()
+    code, _, err = cli("locate", job["failures"], *model_args(tiny_weights, labels_file), "-w", ws, "--locator",
+                       "random", "--json")
+    assert code == 0, err
+    for stale in ("patch.safetensors", "patch.json", "edited.safetensors", "apply.json", "report.json"):
+        assert not (ws / stale).exists(), stale
+    assert json.loads((ws / "workspace.json").read_text())["locator"] == "random"
+
+
+def test_max_steps_alone_keeps_the_models_recommended_lr(tmp_path, monkeypatch):
+    from vitedit.models import DEFAULT_ASSETS
+
+    meta = DEFAULT_ASSETS / "model.json"
+    if not meta.is_file():
+        pytest.skip("the embedded default model is not in this checkout")
+    recommended = json.loads(meta.read_text())["edit_defaults"]["lr"]
+    source = sorted((DEFAULT_ASSETS / "failures" / "dress" / "Dress").iterdir())[:6]
+    (tmp_path / "failures" / "Dress").mkdir(parents=True)
+    for f in source:
+        shutil.copyfile(f, tmp_path / "failures" / "Dress" / f.name)
+    monkeypatch.chdir(tmp_path)
+    cli_json("locate", tmp_path / "failures", "--locator", "random")
+    assert cli_json("apply", "--max-steps", "1")["edit_lr"] == recommended
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def test_version():
+    code, out, _ = cli("--version")
+    assert code == 0 and out == f"vitedit {__version__}\n"
+
+
+def test_help_does_not_import_torch_or_timm():
+    script = (
+        "import sys\n"
+        "from vitedit.cli import main\n"
+        "for argv in (['--help'], ['locate', '--help'], ['apply', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), e.code\n"
+        "heavy = [m for m in ('torch', 'timm', 'onnx', 'onnxruntime', 'matplotlib') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("HEAVY="), proc.stdout[-300:]
+    for command in ("locate", "apply", "report", "export"):
+        assert command in proc.stdout
+    assert "--sparsity" in proc.stdout
