@@ -77,15 +77,11 @@ class MetaTrainConfig:
 # ----------------------------------------------------------------------------- batched weights
 
 
-class PerSampleLinear:
-    """Marker namespace; see ``_make_per_sample_linear``."""
-
-
 def _make_per_sample_linear(linear: "nn.Linear") -> "nn.Module":
     """A drop-in for ``linear`` whose weight is a per-sample tensor (B, out, in) set before each call."""
     from torch import nn
 
-    class _PSL(nn.Module, PerSampleLinear):
+    class PerSampleLinear(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -97,7 +93,7 @@ def _make_per_sample_linear(linear: "nn.Linear") -> "nn.Module":
             y = x.bmm(self.batched_weight.transpose(1, 2))
             return y if self.bias is None else y + self.bias
 
-    return _PSL()
+    return PerSampleLinear()
 
 
 class BatchedEditor:
@@ -286,7 +282,6 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
 
     from .artifacts import atomic_path, write_json
     from .hypernet import build_hypernet, hypernet_config_for, save_hypernet
-    from .locate import cls_features
 
     rank, world = _dist_info()
     out = Path(out)
@@ -294,6 +289,7 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     model = loaded.model
     start = min(s.block for s in sites)
     editor = BatchedEditor(model, sites)
+    base_suffix = make_suffix(model, start)
     grid, patch = patch_grid(model)
     pool = ImagePool(data, loaded, progress=(lambda d_, n, t: progress(d_, n, t, {})) if progress and rank == 0 else None)
 
@@ -335,11 +331,11 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
         with torch.no_grad():
             target = torch.softmax(model(clean) / cfg.temperature, dim=-1)           # (B, C)
             tokens = forward_prefix(model, mixed, start)                              # (B, N, D), once per batch
-            kl_before = kl_per_sample(make_suffix(model, start)(tokens), target, cfg.temperature)
+            kl_before = kl_per_sample(base_suffix(tokens), target, cfg.temperature)
+            feats = base_suffix(tokens, pre_logits=True)                              # (B, D) [CLS] of mixed
         z_init = {s.param: (torch.rand(cfg.batch, s.units, generator=gen) * 2 - 1).to(device) for s in sites}
         masks, info = label_masks(editor, tokens, target, z_init, cfg)
         label = torch.cat([masks[s.param] for s in sites], dim=1)                     # (B, units total)
-        feats = cls_features(model, mixed, start)                                     # (B, D)
         for _ in range(cfg.hypernet_steps):
             logits = torch.cat(train_net(feats, logits=True), dim=1)                 # (B, units total)
             bce = F.binary_cross_entropy_with_logits(logits, label)
