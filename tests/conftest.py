@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 TINY_MODEL = "test_vit"
+SMALL_VIT = dict(pretrained=False, img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2, num_classes=5)
 CLASSES = ["cat", "dog", "T-shirt/top", "ship"]
 
 
@@ -58,3 +59,25 @@ def failures_dir(tmp_path) -> Path:
 @pytest.fixture
 def locality_dir(tmp_path) -> Path:
     return write_images(tmp_path / "locality", {"a": 8, "b": 8}, seed=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_vit(**overrides):
+    """A frozen, seeded, random-init 4-block timm ViT on 32x32 inputs (8x8 patches, width 64, 5 classes)."""
+    import timm
+    import torch
+
+    from vitedit.models import _freeze
+
+    torch.manual_seed(0)
+    return _freeze(timm.create_model("vit_tiny_patch16_224", **{**SMALL_VIT, **overrides}))

@@ -28,15 +28,6 @@ from vitedit.workspace import Workspace
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli(*args) -> tuple[int, str, str]:
     """Run ``vitedit ARGS`` in-process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()

@@ -13,31 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import small_vit
 from vitedit.edit import EditConfig, Patch, edit, edited_copy, first_block
 from vitedit.errors import ArtifactError, UsageError
 from vitedit.evaluate import TokenCache
 from vitedit.masks import UnitScores
-from vitedit.models import _freeze, find_sites, forward_prefix
+from vitedit.models import find_sites, forward_prefix
 
 IDENTITY = {"name": "small_vit", "weights_sha256": "0" * 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
-    import timm
-
-    torch.manual_seed(0)
-    m = _freeze(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
-                                  embed_dim=64, num_heads=2, num_classes=5))
+    m = small_vit()
     with torch.no_grad():
         # timm's random head (std 0.02) caps the logit margins after the final LayerNorm, so no MLP edit can
         # reach a loss of 0.01; a 50x head behaves like a trained, confident one.

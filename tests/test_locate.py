@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import small_vit
 from vitedit.errors import UsageError
 from vitedit.hypernet import build_hypernet, hypernet_config_for
 from vitedit.locate import (
@@ -23,25 +24,12 @@ from vitedit.locate import (
     register,
 )
 from vitedit.masks import UnitScores
-from vitedit.models import _freeze, find_sites
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from vitedit.models import find_sites
 
 
 @pytest.fixture(scope="module")
 def model():
-    import timm
-
-    torch.manual_seed(0)
-    return _freeze(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
-                                     embed_dim=64, num_heads=2, num_classes=5))
+    return small_vit()
 
 
 @pytest.fixture(scope="module")

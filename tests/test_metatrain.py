@@ -6,23 +6,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import small_vit as make_small_vit
 from vitedit.metatrain import (BatchedEditor, MetaTrainConfig, cutmix, kl_per_sample, label_masks, label_masks_loop,
                                patch_grid)
-from vitedit.models import _freeze, find_sites, forward_prefix, make_suffix
+from vitedit.models import find_sites, forward_prefix, make_suffix
 
 
 @pytest.fixture(scope="module")
 def small_vit():
-    import timm
-
-    torch.manual_seed(0)
-    return _freeze(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
-                                     embed_dim=64, num_heads=2, num_classes=5))
+    return make_small_vit()
 
 
 def _batch(model, b=4, seed=0):
@@ -153,7 +149,6 @@ def test_two_rank_ddp_gives_identical_hypernetworks(tmp_path, tiny_weights, loca
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # Training changed the weights (so equality is not just two untouched initializations).
-    import timm  # noqa: F401
     from vitedit.hypernet import build_hypernet, hypernet_config_for
     from vitedit.models import load_model
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import small_vit
 from vitedit.errors import ModelError, UnsupportedModelError, UsageError
 from vitedit.models import (
     LoadedModel,
     Site,
-    _freeze,
     default_blocks,
     find_sites,
     forward_prefix,
@@ -24,25 +24,6 @@ from vitedit.models import (
     make_suffix,
     parse_blocks,
 )
-
-SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2, num_classes=5)
-
-
-def small_vit(**overrides) -> nn.Module:
-    import timm
-
-    torch.manual_seed(0)
-    return _freeze(timm.create_model("vit_tiny_patch16_224", **{**SMALL, **overrides}))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:

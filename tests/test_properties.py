@@ -10,9 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import small_vit
 from vitedit.edit import EditConfig, edit
 from vitedit.masks import UnitScores, units_for
-from vitedit.models import Site, _freeze, find_sites
+from vitedit.models import Site, find_sites
 
 PROPS = settings(max_examples=15, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -20,22 +21,9 @@ PROPS = settings(max_examples=15, deadline=None, derandomize=True,
 densities = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, 2 OpenMP threads fighting another job are ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    import timm
-
-    torch.manual_seed(0)
-    model = _freeze(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
-                                      embed_dim=32, num_heads=2, mlp_ratio=2.0, num_classes=4))
+    model = small_vit(depth=3, embed_dim=32, mlp_ratio=2.0, num_classes=4)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         labels = (model(images).argmax(-1) + 1) % 4

@@ -48,7 +48,7 @@ def package(data: dict, manifest: dict, work: Path, assets: Path, args) -> dict:
     from vitedit.data import safe_label_name
     from vitedit.evaluate import sensitive_mask
 
-    from .fashion import ARCHITECTURE, LABELS, MEAN, MODEL_KWARGS, STD, create_model, predict, to_input
+    from .fashion import ARCHITECTURE, LABELS, MEAN, MODEL_KWARGS, STD, create_model, to_input
 
     t0 = time.time()
     model = create_model()
