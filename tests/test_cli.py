@@ -346,3 +346,28 @@ def test_help_does_not_import_torch_or_timm():
     for command in ("locate", "apply", "report", "export"):
         assert command in proc.stdout
     assert "--sparsity" in proc.stdout
+
+
+def test_patch_command_applies_and_reverts_bit_for_bit(tmp_path, tiny_weights, labels_file, monkeypatch):
+    """`vitedit patch`: base + patch == edited.safetensors; edited --revert == base, exactly."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    failures = write_images(tmp_path / "failures", {"cat": 4, "dog": 4, "ship": 4}, seed=3)
+    assert cli("locate", failures, *model_args(tiny_weights, labels_file), "--json")[0] == 0
+    assert cli("apply", "--max-steps", "3", "--lr", "1e-3", "--json")[0] == 0
+    code, out, _ = cli("patch", tiny_weights, "-o", tmp_path / "patched.safetensors", "--json")
+    assert code == 0 and json.loads(out)["reverted"] is False
+    patched = load_file(str(tmp_path / "patched.safetensors"))
+    edited = load_file(str(tmp_path / ".vitedit" / "edited.safetensors"))
+    assert patched.keys() == edited.keys() and all(torch.equal(patched[k], edited[k]) for k in edited)
+    code, _, _ = cli("patch", tmp_path / "patched.safetensors", "--revert", "-o", tmp_path / "back.safetensors")
+    assert code == 0
+    back, base = load_file(str(tmp_path / "back.safetensors")), load_file(str(tiny_weights))
+    assert all(torch.equal(back[k], base[k]) for k in base)
+    # Applying the patch to weights that are not its base model is refused, and nothing is written.
+    code, _, err = cli("patch", tmp_path / "patched.safetensors", "-o", tmp_path / "twice.safetensors")
+    assert code == 5 and not (tmp_path / "twice.safetensors").exists()
+    assert "not the model the patch" in one_error_line(err)
+    # The input is never the output.
+    assert cli("patch", tiny_weights, "-o", tiny_weights)[0] == 2

@@ -485,6 +485,27 @@ def _ci(r: dict, key: str) -> str:
     return f"{m:.3f}" if ci is None else f"{m:.3f} +/- {ci:.3f}"
 
 
+@app.command("patch")
+def patch_cmd(
+    weights: Path = typer.Argument(..., help="A safetensors state dict: the base model (or the edited one with --revert)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the patched (or reverted) weights."),
+    patch: Path = typer.Option(Path(".vitedit/patch.safetensors"), "--patch", help="The patch from `vitedit apply`."),
+    revert: bool = typer.Option(False, "--revert", help="Undo the patch: edited weights -> base weights, bit for bit."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Apply a saved edit to a weights file, or revert it exactly (checked by weight hash)."""
+    from .edit import patch_weights_file
+
+    ui = UI(as_json, True)
+    if out.resolve() == weights.resolve():
+        raise UsageError("--out must differ from the input weights file, so the original is never overwritten")
+    res = patch_weights_file(weights, patch, out, revert)
+    if as_json:
+        return ui.emit_json(res)
+    ui.out.print(f"{'reverted' if revert else 'applied'} {res['units']} units ({res['params']:,} weights): {res['out']} "
+                 f"(weights sha256 {res['weights_sha256'][:12]})")
+
+
 # ----------------------------------------------------------------------------- error boundary
 
 

@@ -201,6 +201,45 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     return EditResult(patch, steps, losses[-1], float(correct.float().mean()), converged, losses)
 
 
+def patch_weights_file(weights: Path, patch_path: Path, out: Path, revert: bool = False) -> dict:
+    """Apply (or revert) a saved patch to a safetensors state dict file and write ``out`` atomically.
+
+    The input must hash to the patch's recorded base weights (or, to revert, give them back exactly
+    after reverting); otherwise nothing is written.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from .artifacts import atomic_path
+    from .models import read_state_dict, state_dict_sha256
+
+    patch, meta = Patch.load(Path(patch_path))
+    base_hash = meta["model"]["weights_sha256"]
+    state = {k: v.clone() for k, v in read_state_dict(Path(weights)).items()}
+    if not revert and state_dict_sha256(state) != base_hash:
+        raise ArtifactError(f"{weights} is not the model the patch {patch_path} was made for ({meta['model']['name']}, "
+                            f"weights {base_hash[:12]}); apply it to that model's weights")
+    for s in patch.sites:
+        if s.param not in state:
+            raise ArtifactError(f"{weights} has no tensor {s.param}; it is not a {meta['model']['name']} state dict")
+        idx = patch.indices[s.param]
+        expect, value = (patch.new, patch.old) if revert else (patch.old, patch.new)
+        w = state[s.param]
+        if not torch.equal(w.index_select(s.dim, idx), expect[s.param].to(w.dtype)):
+            raise ArtifactError(f"{weights}: {s.param} does not hold the values the patch expects; it is not the "
+                                f"{'edited' if revert else 'base'} model of this patch")
+        w.index_copy_(s.dim, idx, value[s.param].to(w.dtype))
+    result_hash = state_dict_sha256(state)
+    if revert and result_hash != base_hash:
+        raise ArtifactError(f"reverting {weights} with {patch_path} does not give back the base weights "
+                            f"({result_hash[:12]} != {base_hash[:12]}); the file holds other edits too")
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    return {"input": str(weights), "patch": str(patch_path), "out": str(out), "reverted": revert,
+            "units": patch.units_edited, "params": patch.params_edited, "weights_sha256": result_hash,
+            "base_weights_sha256": base_hash}
+
+
 def edited_copy(model: "nn.Module", patch: Patch) -> "nn.Module":
     """A deep copy of ``model`` with the patch applied (the original is untouched)."""
     import copy

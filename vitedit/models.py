@@ -179,13 +179,7 @@ class LoadedModel:
 
     @cached_property
     def weights_sha256(self) -> str:
-        """sha256 over the state dict (names, dtypes, shapes, bytes): the same for any source."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.model.state_dict().items()):
-            t = v.detach().cpu().contiguous()
-            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-        return h.hexdigest()
+        return state_dict_sha256(self.model.state_dict())
 
     @property
     def identity(self) -> dict:
@@ -220,6 +214,18 @@ class LoadedModel:
     def to(self, device: "torch.device | str") -> "LoadedModel":
         self.model.to(device)
         return self
+
+
+def state_dict_sha256(state: dict) -> str:
+    """sha256 over a state dict (names, dtypes, shapes, bytes): the same for any file format or source."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _freeze(model: "nn.Module") -> "nn.Module":
