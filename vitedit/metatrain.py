@@ -150,23 +150,26 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
 
     z = {p: t.clone().requires_grad_(True) for p, t in z_init.items()}
     opt = torch.optim.RMSprop(list(z.values()), lr=cfg.outer_lr)
-    b = tokens.shape[0]
-    w0 = editor.expand_base(b)
+    w0 = editor.expand_base(tokens.shape[0])
     site_of = {s.param: s for s in editor.sites}
+
+    def kl_grads(w: dict) -> list:
+        wr = {p: v.detach().requires_grad_(True) for p, v in w.items()}
+        kl = kl_per_sample(editor.logits(tokens, wr), target, cfg.temperature).sum()
+        return list(torch.autograd.grad(kl, list(wr.values())))
+
+    # The first inner step starts from w0 whatever the mask is: its gradient is computed once.
+    g0 = dict(zip(w0, kl_grads(w0)))
     kl_after = None
     for _ in range(cfg.outer_steps):
         m = {p: torch.sigmoid(cfg.mask_sharpness * zz) for p, zz in z.items()}
-        md = {p: v.detach() for p, v in m.items()}
-        w = {p: v.clone() for p, v in w0.items()}
-        g_sum = {p: torch.zeros_like(v) for p, v in w0.items()}
-        for _ in range(cfg.inner_steps):  # soft-masked SGD from the pretrained weights
-            wr = {p: v.requires_grad_(True) for p, v in w.items()}
-            kl = kl_per_sample(editor.logits(tokens, wr), target, cfg.temperature).sum()
-            grads = torch.autograd.grad(kl, list(wr.values()))
-            w = {p: (wr[p] - cfg.inner_lr * _unit_view(site_of[p], md[p]) * g).detach()
-                 for (p, g) in zip(wr, grads)}
-            for p, g in zip(wr, grads):
-                g_sum[p] += g
+        md = {p: _unit_view(site_of[p], v.detach()) for p, v in m.items()}
+        g_sum = {p: g.clone() for p, g in g0.items()}
+        w = {p: torch.addcmul(w0[p], md[p], g0[p], value=-cfg.inner_lr) for p in w0}
+        for _ in range(cfg.inner_steps - 1):  # soft-masked SGD from the pretrained weights
+            for p, g in zip(w, kl_grads(w)):
+                w[p] = torch.addcmul(w[p], md[p], g, value=-cfg.inner_lr)
+                g_sum[p].add_(g)
         # First order: the inner gradients are constants; w_inner depends on m only through the mask.
         w_inner = {p: w0[p] - cfg.inner_lr * _unit_view(site_of[p], m[p]) * g_sum[p] for p in w0}
         kl_s = kl_per_sample(editor.logits(tokens, w_inner), target, cfg.temperature)  # (B,)

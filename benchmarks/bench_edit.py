@@ -1,0 +1,321 @@
+"""Speed of ``vitedit.edit.edit`` against a straightforward full-model masked fine-tune.
+
+Both methods fit the same unit mask (5 % of the MLP units of the default blocks of a random-init
+timm ``vit_base_patch16_224``) on the same 3 images for the same number of RMSprop steps, and must
+end at the same weights (checked with ``torch.testing.assert_close``):
+
+- ``vitedit``: ``edit(model, mask, images, labels, EditConfig(max_steps=S, loss_threshold=0))``;
+  the prefix is computed once, the free parameters are the selected slices. ``loss_threshold=0``
+  is the smallest value ``EditConfig`` accepts; the stop rule then needs a cross-entropy of exactly 0,
+  which a random-init model never reaches, so it runs all S steps (the steps are checked and printed).
+- ``full``: what research code does: ``model(x)`` each step, ``loss.backward()`` on the full fc1/fc2
+  weight tensors of the edited blocks, gradient multiplied by the unit mask (fc1 rows, fc2
+  columns), RMSprop with the same lr. Same loop shape as ``edit`` (S updates, S + 1 forwards).
+- ``floor``: forward + backward of the suffix alone (blocks from the first edited one, cached prefix
+  tokens, ``requires_grad`` only on the edited weight tensors; no optimizer, no ``index_copy``).
+
+Timing is done in this process, the three methods interleaved (after a 1-step warm-up of each:
+``--repeats`` rounds of vitedit, full, floor; every run starts from the base weights) and the fastest
+run of each counts, since a CPU shared with other jobs only ever adds time. Both wall time and the
+process's CPU time are recorded; with one thread the CPU time is the work done, without the time the
+process waited for a core, so the verdict uses it (on an idle machine the two agree). Time per step
+is a run's time over its steps (for vitedit that includes the one-off prefix; both include the S + 1-th
+forward that reports the final loss). Peak memory is measured in a fresh subprocess per method
+(same seed, so the same random model) running 2 steps (the optimizer state exists after the first):
+the growth of the RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` just
+before the method; ``ru_maxrss`` where that is not possible) over the RSS just before it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_edit.py            # defaults: 10 steps, 1 thread
+    .venv/bin/python benchmarks/bench_edit.py --steps 5 --threads 2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_SPEEDUP = 1.5
+ATOL = 1e-5
+RTOL = 1e-5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_base_patch16_224", help="timm architecture (random init)")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=3, help="edit images")
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps (no early stop)")
+    ap.add_argument("--density", type=float, default=0.05, help="fraction of units selected")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per method; the fastest counts")
+    ap.add_argument("--floor-reps", type=int, default=5, help="timed forward+backward repetitions of the floor")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="also print one JSON object (last line of stdout)")
+    ap.add_argument("--memory-worker", choices=["vitedit", "full", "floor"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> str:
+    """Reset the kernel's RSS high-water mark; return how peaks will be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss_kib(how: str) -> int:
+    if how == "VmHWM":
+        return _status_kib("VmHWM")
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def setup(args):
+    import timm
+    import torch
+
+    from vitedit.masks import UnitScores
+    from vitedit.models import default_blocks, find_sites
+
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    images = torch.randn(args.images, 3, args.img_size, args.img_size, generator=gen)
+    labels = torch.randint(0, model.num_classes, (args.images,), generator=gen)
+    sites = find_sites(model, default_blocks(len(model.blocks)))
+    scores = UnitScores(tuple(sites), {s.param: torch.rand(s.units, generator=gen) for s in sites}, "random")
+    mask = scores.select(args.density)
+    return model, images, labels, mask
+
+
+def run_vitedit(model, images, labels, mask, args):
+    from vitedit.edit import EditConfig, edit
+
+    res = edit(model, mask, images, labels, EditConfig(lr=args.lr, max_steps=args.steps, loss_threshold=0.0))
+    return res.patch.weights(model), res.steps, res.losses
+
+
+def run_full(model, images, labels, mask, args):
+    """Full forward each step, masked gradient on the full weight tensors, RMSprop."""
+    import torch
+    import torch.nn.functional as F
+
+    params = {s.param: model.get_parameter(s.param) for s in mask.sites}
+    grad_mask = {}
+    for s in mask.sites:
+        m = mask.dense(s).float()
+        grad_mask[s.param] = m[:, None] if s.dim == 0 else m[None, :]  # fc1 rows / fc2 columns
+        params[s.param].requires_grad_(True)
+    opt = torch.optim.RMSprop(list(params.values()), lr=args.lr)
+    losses, steps = [], 0
+    while True:
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        losses.append(float(loss.detach()))
+        if bool((logits.argmax(-1) == labels).all()) and losses[-1] <= 0.0:
+            break
+        if steps == args.steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, w in params.items():
+            w.grad.mul_(grad_mask[p])
+        opt.step()
+        steps += 1
+    for w in params.values():
+        w.requires_grad_(False)
+    return {p: w.detach().clone() for p, w in params.items()}, steps, losses
+
+
+def run_floor(model, images, labels, mask, args, reps: int):
+    """Fastest (wall, CPU) seconds of forward + backward of the suffix on cached prefix tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitedit.models import forward_prefix, make_suffix
+
+    start = min(s.block for s in mask.sites)
+    suffix = make_suffix(model, start)
+    with torch.no_grad():
+        tokens = forward_prefix(model, images, start)
+    params = [model.get_parameter(s.param) for s in mask.sites]
+    for w in params:
+        w.requires_grad_(True)
+    walls, cpus = [], []
+    for _ in range(reps + 1):  # the first one is a warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = F.cross_entropy(suffix(tokens), labels)
+        loss.backward()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        for w in params:
+            w.grad = None
+    for w in params:
+        w.requires_grad_(False)
+    return (min(walls[1:]), min(cpus[1:])) if reps else (walls[0], cpus[0])
+
+
+def memory_worker(args) -> None:
+    """Subprocess: peak RSS growth of one method (2 steps; the floor: 1 forward + backward)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, images, labels, mask = setup(args)
+    how = reset_peak_rss()
+    rss0 = _status_kib("VmRSS")
+    if args.memory_worker == "floor":
+        run_floor(model, images, labels, mask, args, 0)  # the warm-up pass only
+    else:
+        fn = run_vitedit if args.memory_worker == "vitedit" else run_full
+        fn(model, images, labels, mask, argparse.Namespace(**{**vars(args), "steps": 2}))
+    out = {"peak_rss_delta_mib": (peak_rss_kib(how) - rss0) / 1024, "peak_rss_method": how}
+    Path(args.out).write_text(json.dumps(out))
+
+
+def measure_memory(method: str, args, tmp: Path) -> dict:
+    out = tmp / f"{method}.json"
+    cmd = [sys.executable, __file__, "--memory-worker", method, "--out", str(out), "--model", args.model,
+           "--img-size", str(args.img_size), "--images", str(args.images), "--density", str(args.density),
+           "--lr", str(args.lr), "--threads", str(args.threads), "--seed", str(args.seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def time_methods(args) -> dict:
+    """Interleaved timing of vitedit, full and floor in this process; the fastest run of each."""
+    import torch
+
+    model, images, labels, mask = setup(args)
+    saved = {s.param: model.get_parameter(s.param).detach().clone() for s in mask.sites}
+
+    def restore() -> None:  # `full` edits the model in place; every run starts from the base
+        with torch.no_grad():
+            for p, w in saved.items():
+                model.get_parameter(p).copy_(w)
+
+    warm = argparse.Namespace(**{**vars(args), "steps": 1})
+    for fn in (run_vitedit, run_full):  # warm-up: allocator, kernels, lazy imports
+        fn(model, images, labels, mask, warm)
+        restore()
+    times: dict[str, list[float]] = {"vitedit": [], "full": [], "floor": []}
+    cpu: dict[str, list[float]] = {"vitedit": [], "full": [], "floor": []}
+    out: dict = {}
+    for _ in range(args.repeats):
+        for name, fn in (("vitedit", run_vitedit), ("full", run_full)):
+            restore()
+            t0, c0 = time.perf_counter(), time.process_time()
+            weights, steps, losses = fn(model, images, labels, mask, args)
+            times[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
+            out[name] = {"weights": weights, "steps": steps, "losses": losses}
+        restore()
+        wall_floor, cpu_floor = run_floor(model, images, labels, mask, args, args.floor_reps)
+        times["floor"].append(wall_floor)
+        cpu["floor"].append(cpu_floor)
+    out["times"], out["cpu"] = times, cpu
+    out["mask"] = mask
+    out["base"] = saved
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.memory_worker:
+        memory_worker(args)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-edit-") as d:
+        memory = {m: measure_memory(m, args, Path(d)) for m in ("vitedit", "full", "floor")}
+    res = time_methods(args)
+    w_edit, w_full, base = res["vitedit"]["weights"], res["full"]["weights"], res["base"]
+    max_diff = max(float((w_edit[k] - w_full[k]).abs().max()) for k in w_edit)
+    moved = max(float((w_edit[k] - base[k]).abs().max()) for k in w_edit)
+    same = True
+    try:
+        for k in w_edit:
+            torch.testing.assert_close(w_edit[k], w_full[k], atol=ATOL, rtol=RTOL)
+    except AssertionError:
+        same = False
+
+    mask, times, cpu = res["mask"], res["times"], res["cpu"]
+    steps = res["vitedit"]["steps"]
+    if steps != args.steps or res["full"]["steps"] != args.steps:
+        raise SystemExit(f"a method stopped early (vitedit {steps}, full {res['full']['steps']} of {args.steps} "
+                         "steps); the per-step comparison needs both to run every step")
+    per_step_edit, per_step_full, floor = (min(times[k]) for k in ("vitedit", "full", "floor"))
+    cpu_edit, cpu_full, cpu_floor = (min(cpu[k]) for k in ("vitedit", "full", "floor"))
+    speedup_wall = per_step_full / per_step_edit
+    speedup = cpu_full / cpu_edit  # the verdict: CPU time is what load from other jobs does not inflate
+    report = {
+        "benchmark": "edit", "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
+        "model": args.model, "img_size": args.img_size, "images": args.images, "steps": steps,
+        "repeats": args.repeats, "edited_blocks": sorted({s.block for s in mask.sites}),
+        "selected_units": mask.selected, "total_units": mask.total,
+        "vitedit_s_per_step": per_step_edit, "full_s_per_step": per_step_full, "floor_s_per_step": floor,
+        "vitedit_cpu_s_per_step": cpu_edit, "full_cpu_s_per_step": cpu_full, "floor_cpu_s_per_step": cpu_floor,
+        "all_s_per_step": times, "all_cpu_s_per_step": cpu,
+        "speedup_cpu": speedup, "speedup_wall": speedup_wall,
+        "vitedit_over_floor_cpu": cpu_edit / cpu_floor, "full_over_floor_cpu": cpu_full / cpu_floor,
+        "vitedit_over_floor_wall": per_step_edit / floor, "full_over_floor_wall": per_step_full / floor,
+        **{f"{m}_peak_rss_delta_mib": memory[m]["peak_rss_delta_mib"] for m in memory},
+        "peak_rss_method": memory["vitedit"]["peak_rss_method"],
+        "final_loss_vitedit": res["vitedit"]["losses"][-1], "final_loss_full": res["full"]["losses"][-1],
+        "max_abs_weight_diff": max_diff, "max_abs_weight_change": moved, "same_weights": same,
+        "atol": ATOL, "rtol": RTOL, "target_speedup": TARGET_SPEEDUP,
+        "result": "PASS" if speedup >= TARGET_SPEEDUP and same else "MISS",
+    }
+    print(f"torch {report['torch']}, device cpu, threads {report['threads']}")
+    print(f"{args.model} (random init) at {args.img_size} px, {args.images} edit images, {steps} steps, "
+          f"blocks {report['edited_blocks']}, {report['selected_units']}/{report['total_units']} units; "
+          f"fastest of {args.repeats} interleaved runs")
+    rows = (("vitedit edit", per_step_edit, cpu_edit, "vitedit"), ("full masked FT", per_step_full, cpu_full, "full"),
+            ("floor (suffix f+b)", floor, cpu_floor, "floor"))
+    for label, t, c, key in rows:
+        print(f"  {label:<19} wall {t:7.3f} s/step   CPU {c:7.3f} s/step   "
+              f"peak RSS +{report[key + '_peak_rss_delta_mib']:.0f} MiB")
+    print(f"  vitedit / floor: CPU {cpu_edit / cpu_floor:.2f}x, wall {per_step_edit / floor:.2f}x   "
+          f"full / floor: CPU {cpu_full / cpu_floor:.2f}x, wall {per_step_full / floor:.2f}x")
+    print(f"  final loss: vitedit {report['final_loss_vitedit']:.6f}, full {report['final_loss_full']:.6f}")
+    print(f"  same final weights: {same} (max abs diff {max_diff:.3g}, atol {ATOL:g}, rtol {RTOL:g}; "
+          f"the edit moved weights by up to {moved:.3g})")
+    print(f"speed-up full/vitedit: wall {speedup_wall:.2f}x; CPU time {speedup:.2f}x "
+          f"(target >= {TARGET_SPEEDUP}x, judged on CPU time): {report['result']}")
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
