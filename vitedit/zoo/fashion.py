@@ -147,7 +147,9 @@ def augment(x, gen):
 
 
 def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: int, resume: bool,
-          threads: int) -> None:
+          threads: int, stage: str = "") -> None:
+    """Train (stage "") or, with ``stage="restart"``, run a second cosine cycle (no warm-up) starting
+    from ``model.safetensors`` of the first stage (kept as ``model-stage1.safetensors``)."""
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -162,14 +164,21 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
 
     torch.manual_seed(seed)
     model = create_model(drop_path_rate=0.1)
+    if stage == "restart":
+        from safetensors.torch import load_file
+
+        first = work / "model-stage1.safetensors"
+        if not first.exists():
+            (work / "model.safetensors").replace(first)
+        model.load_state_dict(load_file(str(first)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(keep) / batch)
-    total, warmup = epochs * steps_per_epoch, steps_per_epoch
+    total, warmup = epochs * steps_per_epoch, (1 if stage == "restart" else steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     gen = torch.Generator().manual_seed(seed)
     start = 0
-    ckpt = work / "checkpoint.pt"
+    ckpt = work / f"checkpoint{'-' + stage if stage else ''}.pt"
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
@@ -202,7 +211,7 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
             sched.step()
             run_loss += loss.item()
         acc = accuracy(model, x_test[in_dist], y_test[in_dist])
-        print(f"epoch {epoch + 1}/{epochs} loss {run_loss / steps_per_epoch:.4f} "
+        print(f"{stage + ' ' if stage else ''}epoch {epoch + 1}/{epochs} loss {run_loss / steps_per_epoch:.4f} "
               f"in-dist test acc {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -229,7 +238,7 @@ def predict(model, x, batch: int = 1000):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitedit.zoo.fashion", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["split", "train", "package", "build"])
+    p.add_argument("step", choices=["split", "train", "restart", "package", "build"])
     p.add_argument("--work", type=Path, default=Path("build/fashion"), help="working directory")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--seed", type=int, default=0)
@@ -240,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--restart-epochs", type=int, default=0,
+                   help="`build`: after training, a second cosine cycle of this many epochs (0: none)")
+    p.add_argument("--restart-lr", type=float, default=2e-4, help="peak learning rate of the restart cycle")
     p.add_argument("--edit-lr", type=float, default=1e-3,
                    help="edit learning rate recorded as the default model's recommended --lr")
     p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "fashion",
@@ -259,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("train", "build"):
         train(data, manifest, args.work, args.epochs, args.batch, args.lr, args.seed, args.resume,
               args.threads)
+    if args.step == "restart" or (args.step == "build" and args.restart_epochs > 0):
+        train(data, manifest, args.work, args.restart_epochs, args.batch, args.restart_lr, args.seed + 1, args.resume,
+              args.threads, stage="restart")
     if args.step in ("package", "build"):
         from vitedit.zoo._package import package
         package(data, manifest, args.work, args.assets, args)
