@@ -6,7 +6,9 @@
 - **locality**: share of the locality ("sensitive") set whose top-1 prediction is unchanged by the edit.
 
 Speed: base predictions are computed once; every set's prefix tokens at the first edited block are
-computed once (``TokenCache``) and each edit re-runs only the suffix, in batches.
+computed once (``TokenCache``) and each edit re-runs only the suffix, in batches. Memory: a set whose
+tokens exceed a budget (1 GiB, ``VITEDIT_CACHE_BUDGET_MB``) is not cached but re-read and recomputed
+batch by batch on every measurement, so any set size runs in bounded memory, with identical results.
 
 Also the paper's rule for the sensitive set: images the model classifies correctly with a top-2
 probability gap below ``margin`` (the images most likely to flip under any change).
@@ -14,9 +16,11 @@ probability gap below ``margin`` (the images most likely to flip under any chang
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
+from .errors import UsageError
 from .models import forward_prefix, make_suffix
 
 if TYPE_CHECKING:
@@ -24,28 +28,101 @@ if TYPE_CHECKING:
     from torch import nn
 
 DEFAULT_BATCH = 256
+# Prefix tokens are cached only while one set's tokens stay under this many bytes (a ViT-B/16 at
+# 224 px holds ~600 KB of tokens per image, so 1 GiB is ~1,700 images); larger sets are streamed.
+DEFAULT_CACHE_BUDGET_MB = 1024
+CACHE_BUDGET_ENV = "VITEDIT_CACHE_BUDGET_MB"
+
+Batches = Callable[[], Iterable["torch.Tensor"]]  # () -> fresh iterator over (B, C, H, W) batches
+
+
+def cache_budget_bytes() -> int:
+    """The token cache budget: ``$VITEDIT_CACHE_BUDGET_MB`` (megabytes, 0 = never cache) or 1 GiB."""
+    raw = os.environ.get(CACHE_BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_BUDGET_MB << 20
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:  # also rejects nan
+        raise UsageError(f"{CACHE_BUDGET_ENV}={raw!r}: give the token cache budget in megabytes, e.g. "
+                         f"{CACHE_BUDGET_ENV}=512 (0 = recompute every time)")
+    return int(mb * (1 << 20))
 
 
 class TokenCache:
-    """Prefix tokens of an image set at block ``start`` of a frozen model, computed once."""
+    """Prefix tokens of an image set at block ``start`` of a frozen model, computed once if they fit.
 
-    def __init__(self, model: "nn.Module", start: int, images: "torch.Tensor", batch_size: int = DEFAULT_BATCH,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+    ``images`` is a (N, C, H, W) tensor or a callable returning a fresh iterator over (B, C, H, W)
+    batches (e.g. ``lambda: (x for x, _ in ImageBatches(...))``), for sets that do not fit in memory
+    as images either. The constructor runs the prefix over every batch. If the tokens of the whole
+    set fit in ``budget_bytes`` (default :func:`cache_budget_bytes`) they are kept and each call runs
+    only the suffix; otherwise they are dropped, the cache keeps the batch source, and each call
+    recomputes the prefix one batch at a time: slower, with memory bounded by one batch. Either way
+    every batch goes through the same prefix and suffix calls, so the results are identical.
+    """
+
+    def __init__(self, model: "nn.Module", start: int, images: "torch.Tensor | Batches",
+                 batch_size: int = DEFAULT_BATCH, progress: Callable[[int, int], None] | None = None,
+                 budget_bytes: int | None = None) -> None:
         import torch
 
         self.model, self.start, self.batch_size = model, start, batch_size
         self.suffix = make_suffix(model, start)
-        chunks = []
+        if isinstance(images, torch.Tensor):
+            tensor = images
+            self._source: Batches | None = lambda: tensor.split(batch_size)
+            total = len(tensor)
+        else:
+            self._source, total = images, 0  # total unknown: progress reports (done, done)
+        budget = cache_budget_bytes() if budget_bytes is None else budget_bytes
+        chunks: list | None = []  # None once over budget
+        held, n = 0, 0
         with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                chunks.append(forward_prefix(model, images[i:i + batch_size], start))
+            for x in self._source():
+                n += len(x)
+                if chunks is not None:
+                    t = forward_prefix(model, x, start)  # (B, C, H, W) -> (B, N, D)
+                    held += t.numel() * t.element_size()
+                    if held <= budget:
+                        chunks.append(t)
+                    else:
+                        chunks = None  # over budget: drop what was kept and stream from now on
                 if progress:
-                    progress(min(i + batch_size, len(images)), len(images))
-        param = next(model.parameters())
-        self.tokens = torch.cat(chunks) if chunks else torch.empty(0, device=param.device)
+                    progress(n, max(total, n))
+        self._len = n
+        self._chunks = chunks
+        if chunks is not None:
+            self._source = None  # the images are not needed any more
+
+    @property
+    def cached(self) -> bool:
+        """Whether the tokens are held in memory (False: recomputed per batch on every call)."""
+        return self._chunks is not None
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self._len
+
+    def _token_batches(self) -> Iterator["torch.Tensor"]:
+        """(B, N, D) prefix tokens, batch by batch: from the cache or recomputed from the source."""
+        if self._chunks is not None:
+            yield from self._chunks
+            return
+        for x in self._source():
+            yield forward_prefix(self.model, x, self.start)
+
+    @property
+    def tokens(self) -> "torch.Tensor":
+        """(N, T, D) tokens of the whole set. Cheap when cached; otherwise computed now, in full."""
+        import torch
+
+        with torch.inference_mode():
+            chunks = list(self._token_batches())
+        if len(chunks) == 1:
+            return chunks[0]
+        param = next(self.model.parameters())
+        return torch.cat(chunks) if chunks else torch.empty(0, device=param.device)
 
     def logits(self, weights: Mapping[str, "torch.Tensor"] | None = None) -> "torch.Tensor":
         """(N, classes) logits of the suffix with ``weights`` substituted (None = base model)."""
@@ -54,9 +131,9 @@ class TokenCache:
 
         out = []
         with torch.inference_mode():
-            for i in range(0, len(self.tokens), self.batch_size):
-                t = self.tokens[i:i + self.batch_size]
-                out.append(functional_call(self.suffix, dict(weights), (t,)) if weights else self.suffix(t))
+            for tokens in self._token_batches():
+                for t in tokens.split(self.batch_size):
+                    out.append(functional_call(self.suffix, dict(weights), (t,)) if weights else self.suffix(t))
         return torch.cat(out) if out else torch.empty(0)
 
     def predict(self, weights: Mapping[str, "torch.Tensor"] | None = None) -> "torch.Tensor":

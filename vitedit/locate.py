@@ -11,12 +11,14 @@ and register by name in ``LOCATORS`` (duplicates raise):
 
 Per-image scores are kept so that any split of the failures into edit and held-out images can be
 aggregated later (mean over the edit images only), keeping held-out images out of the mask.
+``score_batches`` feeds a locator one batch of failures at a time and joins the rows, so scoring
+any number of failures holds one batch of images and activations at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 from .errors import UsageError
 from .masks import UnitScores
@@ -42,13 +44,20 @@ class Locator(Protocol):
 
 
 LOCATORS: dict[str, Locator] = {}
+IMAGE_FREE: set[str] = set()  # registered with per_image=False
+PREFIX_BATCH = 256  # images whose prefix tokens are computed together by the gradient locator
 
 
-def register(name: str) -> Callable[[Locator], Locator]:
+def register(name: str, per_image: bool = True) -> Callable[[Locator], Locator]:
+    """Register a locator. ``per_image=False``: its scores ignore the images (one row), so
+    ``score_batches`` calls it once instead of once per batch."""
+
     def deco(fn: Locator) -> Locator:
         if name in LOCATORS:
             raise ValueError(f"locator {name!r} is already registered")
         LOCATORS[name] = fn
+        if not per_image:
+            IMAGE_FREE.add(name)
         return fn
 
     return deco
@@ -60,7 +69,7 @@ def get_locator(name: str) -> Locator:
     return LOCATORS[name]
 
 
-@register("random")
+@register("random", per_image=False)
 def random_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
     import torch
 
@@ -76,16 +85,18 @@ def gradient_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
 
     start = min(s.block for s in inputs.sites)
     suffix = make_suffix(inputs.model, start)
-    with torch.no_grad():
-        tokens = forward_prefix(inputs.model, inputs.images, start)  # (N, T, D)
     out: dict[str, list] = {s.param: [] for s in inputs.sites}
-    for i in range(len(tokens)):
-        weights = {s.param: inputs.model.get_parameter(s.param).detach().clone().requires_grad_(True)
-                   for s in inputs.sites}
-        loss = F.cross_entropy(functional_call(suffix, weights, (tokens[i:i + 1],)), inputs.labels[i:i + 1])
-        grads = torch.autograd.grad(loss, list(weights.values()))
-        for s, g in zip(inputs.sites, grads):
-            out[s.param].append(g.norm(dim=1 - s.dim))  # fc1: norm of row; fc2: norm of column -> (units,)
+    for lo in range(0, len(inputs.images), PREFIX_BATCH):
+        with torch.no_grad():
+            tokens = forward_prefix(inputs.model, inputs.images[lo:lo + PREFIX_BATCH], start)  # (B, T, D)
+        labels = inputs.labels[lo:lo + PREFIX_BATCH]
+        for i in range(len(tokens)):
+            weights = {s.param: inputs.model.get_parameter(s.param).detach().clone().requires_grad_(True)
+                       for s in inputs.sites}
+            loss = F.cross_entropy(functional_call(suffix, weights, (tokens[i:i + 1],)), labels[i:i + 1])
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for s, g in zip(inputs.sites, grads):
+                out[s.param].append(g.norm(dim=1 - s.dim))  # fc1: norm of row; fc2: norm of column -> (units,)
     return {p: torch.stack(v).cpu() for p, v in out.items()}
 
 
@@ -112,6 +123,28 @@ def cls_features(model: "nn.Module", images: "torch.Tensor", start: int, batch_s
         for i in range(0, len(images), batch_size):
             out.append(suffix(forward_prefix(model, images[i:i + batch_size], start), pre_logits=True))
     return torch.cat(out)
+
+
+def score_batches(name: str, model: "nn.Module", sites: Sequence[Site],
+                  batches: Iterable[tuple["torch.Tensor", "torch.Tensor"]], seed: int = 0,
+                  hypernet: "nn.Module | None" = None) -> dict[str, "torch.Tensor"]:
+    """Run locator ``name`` over ``(images, labels)`` batches and join its rows: {param: (N, units)}.
+
+    ``batches`` is always consumed to the end (callers may do other work per batch in it); a batch
+    may be empty. An image-free locator (``random``) is called once, without images: (1, units).
+    """
+    import torch
+
+    locator = get_locator(name)
+    parts = []
+    for images, labels in batches:
+        if name not in IMAGE_FREE and len(labels):
+            parts.append(locator(LocateInputs(model, tuple(sites), images, labels, seed, hypernet)))
+    if name in IMAGE_FREE:
+        return locator(LocateInputs(model, tuple(sites), None, None, seed, hypernet))
+    if not parts:
+        return {s.param: torch.empty(0, s.units) for s in sites}
+    return {s.param: torch.cat([part[s.param] for part in parts]) for s in sites}
 
 
 def aggregate(per_image: dict[str, "torch.Tensor"], sites: Sequence[Site], rows: Sequence[int] | None,

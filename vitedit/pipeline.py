@@ -5,17 +5,22 @@ through ``progress(description, done, total)``.
 locate -> apply -> report -> export share a workspace (``vitedit.workspace``); apply and report use
 the same seeded split of the failures into *edit* images (used to choose and fit the edit) and
 *held-out* images (used only to measure generalization).
+
+Memory is bounded whatever the number of images: every image set is read in batches
+(``data.ImageBatches``); the workspace records the failing images by path and sha256, not as
+tensors; apply and report load only the edit images (few) at once and stream the held-out and
+locality sets through ``evaluate.TokenCache``, which keeps their prefix tokens only under a budget.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
-from .artifacts import atomic_path, load_tensors, save_tensors, write_json
+from .artifacts import atomic_path, load_tensors, save_tensors, sha256_file, write_json
 from .edit import EditConfig, Patch, edit
 from .errors import InputDataError, ModelError, UsageError, WorkspaceError
 from .masks import units_for, validate_density
@@ -24,6 +29,8 @@ from .workspace import Workspace
 
 if TYPE_CHECKING:
     import torch
+
+    from .data import ImageBatches, ImageRef
 
 Progress = Callable[[str, int, int], None]
 DEFAULT_SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
@@ -162,13 +169,45 @@ def _load_labeled(root: Path, loaded: LoadedModel, skip_bad: bool, progress: Pro
     return images, labels, good, bad
 
 
-def _load_unlabeled(root: Path, loaded: LoadedModel, skip_bad: bool, progress: Progress, what: str):
-    from .data import load_tensors as load_images, scan_unlabeled
+def _image_batches(refs: Sequence["ImageRef"], loaded: LoadedModel, skip_bad: bool, progress: Progress,
+                   what: str) -> "ImageBatches":
+    """``refs`` as bounded-memory batches; bad images are found (and raised or skipped) up front."""
+    from .data import ImageBatches
+    from .evaluate import DEFAULT_BATCH
 
-    refs = scan_unlabeled(Path(root))
-    images, good, bad = load_images(refs, loaded.transform, loaded.channels, skip_bad=skip_bad,
-                                    progress=lambda d, t: progress(f"loading {what}", d, t))
-    return images, good, bad
+    return ImageBatches(refs, loaded.transform, loaded.channels, DEFAULT_BATCH, skip_bad=skip_bad,
+                        progress=lambda d, t: progress(f"loading {what}", d, t))
+
+
+def _stream(batches: "ImageBatches", device) -> Callable:
+    """A ``TokenCache`` source: re-reads the images batch by batch each time it is called."""
+    return lambda: (x.to(device) for x, _ in batches)
+
+
+def _failure_refs(ws: Workspace, state: dict, limit: int | None = None) -> list["ImageRef"]:
+    """The failing images recorded by ``locate`` (the first ``limit``), checked to be the same files.
+
+    A file that was moved, deleted or changed since (sha256) is a ``WorkspaceError`` naming it.
+    """
+    from .data import ImageRef
+
+    entries = [state["images"][i] for i in state["failing"]][:limit]
+    if any("sha256" not in e for e in entries):
+        raise WorkspaceError(f"the workspace {ws.root} was made by an older vitedit that kept the failing images "
+                             "as tensors; rerun `vitedit locate FAILURES`")
+    missing, changed = [], []
+    for e in entries:
+        path = Path(e["path"])
+        if not path.is_file():
+            missing.append(path)
+        elif sha256_file(path) != e["sha256"]:
+            changed.append(path)
+    for paths, what in ((missing, "is missing (moved, renamed or deleted)"), (changed, "has changed")):
+        if paths:
+            more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+            raise WorkspaceError(f"failure image {paths[0]}{more} {what} since `vitedit locate` recorded it in "
+                                 f"{ws.root}; put it back or rerun `vitedit locate FAILURES`")
+    return [ImageRef(Path(e["path"]), int(e["label"]), None) for e in entries]
 
 
 def _predict(model, images: "torch.Tensor", batch: int = 256) -> "torch.Tensor":
@@ -211,7 +250,8 @@ def default_locality_dir(loaded: LoadedModel) -> Path | None:
 def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
     import torch
 
-    from .locate import LocateInputs, aggregate, get_locator
+    from .data import scan_labeled
+    from .locate import aggregate, get_locator, score_batches
 
     ws = Workspace(cfg.workspace)
     with ws.lock():
@@ -241,31 +281,40 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
                 hypernet.to(device)
         get_locator(locator)  # validates the name before any image work
 
-        images, labels, refs, bad = _load_labeled(cfg.failures, loaded, cfg.skip_bad_images, progress, "failures")
-        images, labels = images.to(device), labels.to(device)
-        logits = _predict(loaded.model, images)
-        pred = logits.argmax(-1)
-        failing = (pred != labels).nonzero().flatten().tolist()
-        correct = [i for i in range(len(refs)) if i not in set(failing)]
+        batches = _image_batches(scan_labeled(Path(cfg.failures), loaded.labels), loaded, cfg.skip_bad_images,
+                                 progress, "failures")
+        refs, bad = batches.refs, batches.bad
+        pred: list[int] = []
+
+        def failures_per_batch():
+            """One pass: the base model's predictions, and each batch's failures for the locator."""
+            for i, (x, chunk) in enumerate(batches):
+                progress(f"scoring units ({locator})", i, len(batches))
+                x = x.to(device)
+                y = torch.tensor([r.label for r in chunk], dtype=torch.long, device=device)
+                with torch.inference_mode():
+                    p = loaded.model(x).argmax(-1)
+                pred.extend(p.tolist())
+                wrong = p != y
+                yield x[wrong], y[wrong]
+            progress(f"scoring units ({locator})", len(batches), len(batches))
+
+        per_image = score_batches(locator, loaded.model, sites, failures_per_batch(), cfg.seed, hypernet)
+        failing = [i for i, (r, p) in enumerate(zip(refs, pred)) if p != r.label]
         if not failing:
             raise InputDataError(f"the model already classifies all {len(refs)} images in {cfg.failures} correctly; "
                                  "there is nothing to edit (give images it gets wrong)")
-        fail_images, fail_labels = images[failing], labels[failing]
-
-        progress(f"scoring units ({locator})", 0, 1)
-        per_image = get_locator(locator)(LocateInputs(loaded.model, sites, fail_images, fail_labels, cfg.seed, hypernet))
-        progress(f"scoring units ({locator})", 1, 1)
+        failing_set = set(failing)
+        correct = [i for i in range(len(refs)) if i not in failing_set]
         edit_rows, hold_rows = split_rows(len(failing), cfg.holdout, cfg.seed, cfg.max_edit_images)
         scores = aggregate(per_image, sites, edit_rows, locator)
 
-        save_tensors(ws.path("images.safetensors"), {"images": fail_images, "labels": fail_labels},
-                     {"kind": "failure-images", "model": loaded.identity})
         save_tensors(ws.path("scores.safetensors"), per_image,
                      {"kind": "per-image-scores", "model": loaded.identity, "locator": locator,
                       "sites": [s.to_json() for s in sites]})
         # A new locate invalidates the previous job's outputs.
         for stale in ("patch.safetensors", "patch.json", "edited.safetensors", "edited.json", "apply.json",
-                      "report.json"):
+                      "report.json", "images.safetensors", "images.json"):  # images.*: older vitedit
             if ws.path(stale).exists():
                 ws.path(stale).unlink()
         state = {
@@ -278,8 +327,10 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
             "locator": locator,
             "hypernet": str(hypernet_path) if hypernet_path else None,
             "failures_dir": str(Path(cfg.failures).resolve()),
-            "images": [{"path": str(r.path), "label": int(r.label), "prediction": int(p)}
-                       for r, p in zip(refs, pred.tolist())],
+            # Failing images are kept by path and content hash, re-read in batches by apply/report/export.
+            "images": [{"path": str(Path(r.path).absolute()), "label": int(r.label), "prediction": int(p),
+                        **({"sha256": sha256_file(r.path)} if i in failing_set else {})}
+                       for i, (r, p) in enumerate(zip(refs, pred))],
             "failing": failing,
             "skipped": [{"path": str(b.path), "reason": b.reason} for b in bad],
             "holdout": cfg.holdout,
@@ -353,53 +404,62 @@ class _Job:
 def _prepare(ws: Workspace, holdout: float | None, generalization: Path | None, locality: Path | None,
              seed: int | None, device: str, edit_config: dict | None, skip_bad: bool,
              progress: Progress) -> _Job:
-    from .evaluate import EvalSets, TokenCache, accuracy
+    import torch
+
+    from .data import load_tensors as load_images, scan_labeled, scan_unlabeled
+    from .evaluate import EvalSets, TokenCache
 
     state = ws.state()
     loaded = _load_workspace_model(ws, state, device)
     sites = tuple(Site.from_json(d) for d in state["sites"])
     dev = next(loaded.model.parameters()).device
-    tensors, _ = load_tensors(ws.require("images.safetensors", "locate"), "workspace images")
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
-    images, labels = tensors["images"].to(dev), tensors["labels"].to(dev)
+    failures = _failure_refs(ws, state)
+    labels = torch.tensor([r.label for r in failures], dtype=torch.long, device=dev)
     seed = state["seed"] if seed is None else seed
     start = min(s.block for s in sites)
     skipped: list = []
 
+    # Edit images: few, held in memory (the edit fits them in one batch). Held-out, generalization
+    # and locality images: read in batches, cached as tokens only while under the budget.
     if generalization is not None:
-        edit_rows, hold_rows = list(range(len(images))), []
-        g_images, g_labels, _, g_bad = _load_labeled(generalization, loaded, skip_bad, progress, "generalization set")
-        skipped += g_bad
-        g_images, g_labels = g_images.to(dev), g_labels.to(dev)
+        edit_rows, hold_rows = list(range(len(failures))), []
+        g_batches = _image_batches(scan_labeled(Path(generalization), loaded.labels), loaded, skip_bad, progress,
+                                   "generalization set")
+        skipped += g_batches.bad
         gen_source = f"{generalization}"
     else:
-        edit_rows, hold_rows = split_rows(len(images), state["holdout"] if holdout is None else holdout, seed,
+        edit_rows, hold_rows = split_rows(len(failures), state["holdout"] if holdout is None else holdout, seed,
                                           state.get("max_edit_images"))
-        g_images, g_labels = images[hold_rows], labels[hold_rows]
+        g_batches = _image_batches([failures[i] for i in hold_rows], loaded, False, progress,
+                                   "held-out failures") if hold_rows else None
         gen_source = "held-out failures"
+    g_labels = torch.tensor([r.label for r in g_batches.refs], dtype=torch.long, device=dev) if g_batches else None
 
     progress("caching activations", 0, 3)
-    edit_tokens = TokenCache(loaded.model, start, images[edit_rows])
+    edit_images, _, _ = load_images([failures[i] for i in edit_rows], loaded.transform, loaded.channels)
+    edit_cache = TokenCache(loaded.model, start, edit_images.to(dev))
+    del edit_images
     progress("caching activations", 1, 3)
-    holdout_cache = TokenCache(loaded.model, start, g_images) if len(g_images) else None
+    holdout_cache = TokenCache(loaded.model, start, _stream(g_batches, dev)) if g_batches else None
     progress("caching activations", 2, 3)
     locality_dir = Path(locality) if locality is not None else default_locality_dir(loaded)
     loc_cache, loc_base = None, None
     if locality_dir is not None:
-        l_images, _, l_bad = _load_unlabeled(locality_dir, loaded, skip_bad, progress, "locality set")
-        skipped += l_bad
-        loc_cache = TokenCache(loaded.model, start, l_images.to(dev))
+        l_batches = _image_batches(scan_unlabeled(locality_dir), loaded, skip_bad, progress, "locality set")
+        skipped += l_batches.bad
+        loc_cache = TokenCache(loaded.model, start, _stream(l_batches, dev))
         loc_base = loc_cache.predict()
     progress("caching activations", 3, 3)
 
-    sets = EvalSets(edit_tokens, labels[edit_rows], holdout_cache, g_labels if holdout_cache else None,
-                    loc_cache, loc_base)
-    base_metrics = sets.measure({})
+    sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base)
+    base_metrics = replace(sets, locality=None).measure({})  # the base model's locality is 1 by definition
     edit_config = resolve_edit_config(loaded, edit_config)
-    return _Job(ws, state, loaded, sites, edit_tokens.tokens, labels[edit_rows], sets, per_image, edit_rows, hold_rows,
+    return _Job(ws, state, loaded, sites, edit_cache.tokens, labels[edit_rows], sets, per_image, edit_rows, hold_rows,
                 edit_config, seed, locality_dir, gen_source,
+                # the unedited model's accuracy on the generalization set is measure({})'s generalization
                 base={"success": base_metrics.success, "generalization": base_metrics.generalization,
-                      "holdout_base_accuracy": accuracy(holdout_cache.predict(), g_labels) if holdout_cache else None},
+                      "holdout_base_accuracy": base_metrics.generalization},
                 skipped=skipped)
 
 
@@ -566,14 +626,16 @@ class ExportJob:
 
 def _example_images(loaded: LoadedModel, ws: Workspace, max_images: int) -> "torch.Tensor":
     """Real preprocessed images to verify the export on: the workspace's failures, else bundled ones."""
-    if ws.exists and ws.path("images.safetensors").exists():
-        tensors, _ = load_tensors(ws.path("images.safetensors"), "workspace images")
-        return tensors["images"][:max_images]
-    loc = default_locality_dir(loaded)
-    if loc is not None:
-        images, _, _ = _load_unlabeled(loc, loaded, False, _noop, "examples")
-        return images[:max_images]
-    raise WorkspaceError(f"no images to verify the export on: run `vitedit locate FAILURES --workspace {ws.root}` first")
+    from .data import load_tensors as load_images, scan_unlabeled
+
+    if ws.exists:
+        refs = _failure_refs(ws, ws.state(), limit=max_images)
+    elif default_locality_dir(loaded) is not None:
+        refs = scan_unlabeled(default_locality_dir(loaded))[:max_images]
+    else:
+        raise WorkspaceError(f"no images to verify the export on: run `vitedit locate FAILURES --workspace {ws.root}` first")
+    images, _, _ = load_images(refs, loaded.transform, loaded.channels)
+    return images
 
 
 def run_export(job: ExportJob, progress: Progress = _noop) -> dict:

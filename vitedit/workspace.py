@@ -2,8 +2,8 @@
 
 Files (each written atomically; tensors as safetensors + JSON sidecar):
 - ``workspace.json``: the model (name, weights file, weight hash), sites, locator, failure folder,
-  every loaded image with its base prediction, the skipped bad images, the split seed;
-- ``images.safetensors``: the preprocessed failing images and their labels;
+  every loaded image with its base prediction, the failing images (absolute path, label, sha256;
+  re-read in batches by later steps), the skipped bad images, the split seed;
 - ``scores.safetensors``: per-image unit scores from ``locate``;
 - ``patch.safetensors`` and ``edited.safetensors`` from ``apply``; ``apply.json``;
 - ``report.json`` (and the plot) from ``report``; ``lock`` while a command runs.
