@@ -345,8 +345,6 @@ def _suggest_models(name: str) -> str:
 def load_model(name: str | None = None, *, weights: Path | None = None, labels_file: Path | None = None,
                device: str = "cpu", offline: bool | None = None) -> LoadedModel:
     """Load and freeze a ViT. ``name=None`` is the embedded default."""
-    import torch  # noqa: F401  (fail early with a clear error if torch is missing)
-
     if name is None or name == DEFAULT_MODEL:
         if weights is not None:
             raise UsageError("--weights needs --model NAME naming the timm architecture of that file")

@@ -14,7 +14,6 @@ locality sets through ``evaluate.TokenCache``, which keeps their prefix tokens o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -23,7 +22,7 @@ from . import __version__
 from .artifacts import atomic_path, load_tensors, save_tensors, sha256_file, write_json
 from .edit import EditConfig, Patch, edit
 from .errors import InputDataError, ModelError, UsageError, WorkspaceError
-from .masks import units_for, validate_density
+from .masks import validate_density
 from .models import DEFAULT_ASSETS, DEFAULT_MODEL, LoadedModel, Site, load_model, parse_blocks
 from .workspace import Workspace
 
