@@ -320,6 +320,20 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     elapsed0 = float(history[-1]["elapsed"]) if history else 0.0
     t0 = time.time()
 
+    def write_artifact() -> dict:
+        """The hypernetwork as of now (rank 0 writes it), so a run stopped early still leaves one."""
+        summary = _summary(history, step, world, pool)
+        if rank == 0:
+            extra = {"sites": [s.to_json() for s in sites], "blocks": sorted({s.block for s in sites}),
+                     "widths": {s.param: s.units for s in sites}, "meta_train_config": cfg.to_json(), **summary,
+                     "data": str(data)}
+            save_hypernet(out / "hypernet.safetensors", net, loaded.identity, extra)
+            keys = list(history[0].keys())
+            write_json(out / "history.json", {"keys": keys, "rows": [[h[k] for k in keys] for h in history]})
+        return summary
+
+    summary = {}
+
     def save_checkpoint() -> None:
         keys = list(history[0].keys()) if history else []
         rows = torch.tensor([[h[k] for k in keys] for h in history], dtype=torch.float64)
@@ -363,21 +377,19 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
             progress("meta-training", step, cfg.steps, stats)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint()
+            summary = write_artifact()
+    if not summary:  # resumed a run that had already finished
+        summary = write_artifact()
+    return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
 
+
+def _summary(history: list[dict], step: int, world: int, pool: "ImagePool") -> dict:
     last = history[-min(50, len(history)):]
     final = {k: sum(h[k] for h in last) / len(last) for k in ("kl_before", "kl_after", "label_density",
                                                                 "label_binary_density", "bce", "diversity")}
-    summary = {"steps": step, "world_size": world, "images": len(pool), "skipped_images": pool.skipped,
-               "wall_seconds": round(history[-1]["elapsed"], 1) if history else 0.0,
-               "final_mean_last_50": {k: round(v, 5) for k, v in final.items()}}
-    if rank == 0:
-        extra = {"sites": [s.to_json() for s in sites], "blocks": sorted({s.block for s in sites}),
-                 "widths": {s.param: s.units for s in sites}, "meta_train_config": cfg.to_json(), **summary,
-                 "data": str(data)}
-        save_hypernet(out / "hypernet.safetensors", net, loaded.identity, extra)
-        keys = list(history[0].keys())
-        write_json(out / "history.json", {"keys": keys, "rows": [[h[k] for k in keys] for h in history]})
-    return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
+    return {"steps": step, "world_size": world, "images": len(pool), "skipped_images": pool.skipped,
+            "wall_seconds": round(history[-1]["elapsed"], 1) if history else 0.0,
+            "final_mean_last_50": {k: round(v, 5) for k, v in final.items()}}
 
 
 
