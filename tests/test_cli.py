@@ -371,3 +371,20 @@ def test_patch_command_applies_and_reverts_bit_for_bit(tmp_path, tiny_weights, l
     assert "not the model the patch" in one_error_line(err)
     # The input is never the output.
     assert cli("patch", tiny_weights, "-o", tiny_weights)[0] == 2
+
+
+def test_atomic_writes_leave_nothing_behind_and_use_normal_permissions(tmp_path):
+    """An interrupted write keeps the previous file; a finished one gets 0666 & ~umask, not mkstemp's 0600."""
+    from vitedit.artifacts import atomic_path, write_text
+
+    target = tmp_path / "out.txt"
+    write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
