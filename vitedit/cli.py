@@ -57,17 +57,17 @@ class UI:
         """Yield a ``progress(description, done, total)`` callback backed by a rich progress bar."""
         show = not (self.as_json or self.quiet) and self.err.is_terminal
         if not show:
-            yield lambda *_: None
+            yield lambda *_args, **_kw: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         tasks: dict[str, int] = {}
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=self.err, transient=True) as bar:
-            def update(desc: str, done: int, total: int) -> None:
+                      TextColumn("{task.fields[info]}"), console=self.err, transient=True) as bar:
+            def update(desc: str, done: int, total: int, info: str = "") -> None:
                 if desc not in tasks:
-                    tasks[desc] = bar.add_task(desc, total=total)
-                bar.update(tasks[desc], completed=done, total=total)
+                    tasks[desc] = bar.add_task(desc, total=total, info=info)
+                bar.update(tasks[desc], completed=done, total=total, info=info)
 
             yield update
 
@@ -371,8 +371,13 @@ def meta_train_cmd(
                           sparsity_weight=sparsity_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
                           seed=seed)
     with ui.progress() as progress:
-        res = run_meta_train(ModelOptions(model, weights, None, device), data, blocks, cfg, out, resume,
-                             lambda d, n, t, stats=None: progress(d, n, t))
+        def report(desc: str, done: int, total: int, stats: dict | None = None) -> None:
+            info = "" if not stats else (f"KL {stats['kl_before']:.3f}->{stats['kl_after']:.3f}  mask density "
+                                         f"{stats['label_binary_density']:.3f}  BCE {stats['bce']:.3f}  "
+                                         f"diversity {stats['diversity']:.3f}")
+            progress(desc, done, total, info)
+
+        res = run_meta_train(ModelOptions(model, weights, None, device), data, blocks, cfg, out, resume, report)
     if res.get("rank", 0) != 0:
         return
     if as_json:
