@@ -258,3 +258,19 @@ def test_labels_file_must_match_the_number_of_classes(tiny_weights, tmp_path):
 def test_weights_without_a_model_name_is_a_usage_error(tiny_weights):
     with pytest.raises(UsageError, match="--model"):
         load_model(None, weights=Path(tiny_weights))
+
+
+def test_local_dir_name_loads_through_timm_with_its_label_names(tmp_path):
+    """`local-dir:` goes through timm's own hub loading code, offline; class names come from its config."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    ref = timm.create_model("test_vit", pretrained=False, num_classes=3)
+    save_for_hf(ref, str(tmp_path / "m"), model_config={"label_names": ["a", "b", "c"]}, safe_serialization=True)
+    loaded = load_model(f"local-dir:{tmp_path / 'm'}")
+    assert loaded.labels == ["a", "b", "c"] and loaded.source == "timm"
+    state = ref.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
+    with pytest.raises(ModelError, match="folder not found"):
+        load_model(f"local-dir:{tmp_path / 'missing'}")
