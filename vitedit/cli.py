@@ -193,11 +193,11 @@ def apply(
     quiet: bool = QuietOpt,
 ) -> None:
     """Edit only the top units, then measure success, generalization and locality; save the patch."""
-    from .pipeline import ApplyConfig, run_apply
+    from .pipeline import ApplyConfig, ExperimentOptions, run_apply
 
     ui = UI(as_json, quiet)
-    cfg = ApplyConfig(workspace, sparsity, _edit_config(lr, max_steps), holdout, generalization, locality, seed,
-                      device, skip_bad_images)
+    cfg = ApplyConfig(workspace, sparsity, ExperimentOptions(_edit_config(lr, max_steps), holdout, generalization,
+                                                             locality, seed, device, skip_bad_images))
     with ui.progress() as progress:
         res = run_apply(cfg, progress)
     if as_json:
@@ -232,11 +232,12 @@ def report(
     quiet: bool = QuietOpt,
 ) -> None:
     """Sweep sparsities (with random masks for contrast) and recommend one."""
-    from .pipeline import ReportConfig, run_report
+    from .pipeline import ExperimentOptions, ReportConfig, run_report
 
     ui = UI(as_json, quiet)
-    cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot, _edit_config(lr, max_steps),
-                       holdout, generalization, locality, seed, device, skip_bad_images)
+    cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot,
+                       ExperimentOptions(_edit_config(lr, max_steps), holdout, generalization, locality, seed, device,
+                                         skip_bad_images))
     with ui.progress() as progress:
         res = run_report(cfg, progress)
     if as_json:

@@ -52,8 +52,8 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict:
-    from .pipeline import (ApplyConfig, ExportJob, LocateConfig, ModelOptions, ReportConfig, run_apply, run_export,
-                           run_locate, run_report)
+    from .pipeline import (ApplyConfig, ExperimentOptions, ExportJob, LocateConfig, ModelOptions, ReportConfig,
+                           run_apply, run_export, run_locate, run_report)
 
     groups = examples()
     if not groups:
@@ -68,8 +68,9 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict
     ws = out / "workspace"
     located = run_locate(LocateConfig(failures, ModelOptions(device=cfg.device), seed=cfg.seed, workspace=ws,
                                       max_edit_images=cfg.edit_images), progress)
-    applied = run_apply(ApplyConfig(ws, cfg.sparsity, device=cfg.device), progress)
-    reported = run_report(ReportConfig(ws, cfg.sparsities, plot=out / "tradeoff.png", device=cfg.device), progress)
+    experiment = ExperimentOptions(device=cfg.device)
+    applied = run_apply(ApplyConfig(ws, cfg.sparsity, experiment), progress)
+    reported = run_report(ReportConfig(ws, cfg.sparsities, plot=out / "tradeoff.png", experiment=experiment), progress)
     exported = run_export(ExportJob(out / "edited.onnx", ws), progress)
     return {"group": group, "failures_dir": str(failures), "locate": located, "apply": applied, "report": reported,
             "export": exported}

@@ -71,23 +71,32 @@ class LocateConfig:
 
 
 @dataclass(frozen=True)
-class ApplyConfig:
-    workspace: Path = Path(".vitedit")
-    sparsity: float = 0.05
+class ExperimentOptions:
+    """How apply and report set up an experiment on a workspace (the same for both)."""
+
     edit: dict | None = None         # overrides (lr, max_steps) over the model's recommended settings
     holdout: float | None = None     # None: the split recorded by locate
     generalization: Path | None = None
     locality: Path | None = None
-    seed: int | None = None
+    seed: int | None = None          # None: the seed recorded by locate
     device: str = "auto"
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
-        validate_density(self.sparsity)
         if self.holdout is not None:
             _check_holdout(self.holdout)
         if self.holdout is not None and self.generalization is not None:
             raise UsageError("give either --holdout or --generalization DIR, not both")
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    workspace: Path = Path(".vitedit")
+    sparsity: float = 0.05
+    experiment: ExperimentOptions = ExperimentOptions()
+
+    def __post_init__(self) -> None:
+        validate_density(self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -96,13 +105,7 @@ class ReportConfig:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     min_locality: float = 0.9
     plot: Path | None = None
-    edit: dict | None = None
-    holdout: float | None = None
-    generalization: Path | None = None
-    locality: Path | None = None
-    seed: int | None = None
-    device: str = "auto"
-    skip_bad_images: bool = False
+    experiment: ExperimentOptions = ExperimentOptions()
 
     def __post_init__(self) -> None:
         if not self.sparsities:
@@ -400,16 +403,16 @@ class _Job:
     skipped: list = field(default_factory=list)
 
 
-def _prepare(ws: Workspace, holdout: float | None, generalization: Path | None, locality: Path | None,
-             seed: int | None, device: str, edit_config: dict | None, skip_bad: bool,
-             progress: Progress) -> _Job:
+def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress) -> _Job:
     import torch
 
     from .data import load_tensors as load_images, scan_labeled, scan_unlabeled
     from .evaluate import EvalSets, TokenCache
 
+    holdout, generalization, locality, seed = opts.holdout, opts.generalization, opts.locality, opts.seed
+    skip_bad = opts.skip_bad_images
     state = ws.state()
-    loaded = _load_workspace_model(ws, state, device)
+    loaded = _load_workspace_model(ws, state, opts.device)
     sites = tuple(Site.from_json(d) for d in state["sites"])
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
@@ -453,7 +456,7 @@ def _prepare(ws: Workspace, holdout: float | None, generalization: Path | None, 
 
     sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base)
     base_metrics = replace(sets, locality=None).measure({})  # the base model's locality is 1 by definition
-    edit_config = resolve_edit_config(loaded, edit_config)
+    edit_config = resolve_edit_config(loaded, opts.edit)
     return _Job(ws, state, loaded, sites, edit_cache.tokens, labels[edit_rows], sets, per_image, edit_rows, hold_rows,
                 edit_config, seed, locality_dir, gen_source,
                 # the unedited model's accuracy on the generalization set is measure({})'s generalization
@@ -497,8 +500,7 @@ def _locality_note(job: _Job) -> str | None:
 def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
     ws = Workspace(cfg.workspace)
     with ws.lock():
-        job = _prepare(ws, cfg.holdout, cfg.generalization, cfg.locality, cfg.seed, cfg.device, cfg.edit,
-                       cfg.skip_bad_images, progress)
+        job = _prepare(ws, cfg.experiment, progress)
         progress("editing", 0, 1)
         point, patch = _edit_and_measure(job, job.state["locator"], cfg.sparsity)
         progress("editing", 1, 1)
@@ -516,7 +518,7 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
             "edit_lr": job.edit_config.lr,
             "max_steps": job.edit_config.max_steps,
             "edit_images": len(job.edit_rows),
-            "holdout_images": len(job.hold_rows) if cfg.generalization is None else (
+            "holdout_images": len(job.hold_rows) if cfg.experiment.generalization is None else (
                 len(job.sets.holdout_labels) if job.sets.holdout_labels is not None else 0),
             "generalization_source": job.generalization_source,
             "locality_images": len(job.sets.locality) if job.sets.locality is not None else 0,
@@ -551,8 +553,7 @@ def recommend(points: Sequence[dict], locator: str, min_locality: float) -> dict
 def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
     ws = Workspace(cfg.workspace)
     with ws.lock():
-        job = _prepare(ws, cfg.holdout, cfg.generalization, cfg.locality, cfg.seed, cfg.device, cfg.edit,
-                       cfg.skip_bad_images, progress)
+        job = _prepare(ws, cfg.experiment, progress)
         locator = job.state["locator"]
         methods = [locator] if locator == "random" else [locator, "random"]
         runs = [(m, s) for s in cfg.sparsities for m in methods]
