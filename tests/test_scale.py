@@ -20,14 +20,6 @@ from vitedit.cli import main
 from vitedit.errors import UsageError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vit(tiny_weights):
     import timm
