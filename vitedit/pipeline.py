@@ -316,7 +316,7 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
                       "sites": [s.to_json() for s in sites]})
         # A new locate invalidates the previous job's outputs.
         for stale in ("patch.safetensors", "patch.json", "edited.safetensors", "edited.json", "apply.json",
-                      "report.json", "images.safetensors", "images.json"):  # images.*: older vitedit
+                      "report.json"):
             if ws.path(stale).exists():
                 ws.path(stale).unlink()
         state = {
