@@ -80,7 +80,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     from .edit import edit
     from .evaluate import TokenCache
     from .hypernet import load_hypernet
-    from .locate import LocateInputs, cls_features, gradient_locator, random_locator
+    from .locate import LocateInputs, gradient_locator, random_locator
     from .masks import UnitScores
     from .models import load_model
     from .pipeline import default_hypernet_for, default_locality_dir, resolve_edit_config
@@ -122,7 +122,10 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         x, refs = load_set(scan_labeled(Path(all_groups[g]["path"]), loaded.labels), f"loading {g}")
         y = torch.tensor([r.label for r in refs])
         cache = TokenCache(model, start, x)
-        feats = cls_features(model, x, start) if hypernet is not None else None
+        feats = None
+        if hypernet is not None:
+            with torch.no_grad():  # the hypernetwork's input, from the cached prefix: (N, T, D) -> (N, D)
+                feats = cache.suffix(cache.tokens, pre_logits=True)
         group_data[g] = (x, y, cache, feats)
     progress("caching", 3, 3)
 
@@ -145,6 +148,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         else:
             variants += [(m, "strength", s) for s in (cfg.l1_strengths if m == "l1" else cfg.l2_strengths)]
 
+    full = UnitScores(sites, {s.param: torch.ones(s.units) for s in sites}, "all").select(1.0)  # l1/l2: every unit
     rows_out = []
     total = len(plan) * len(variants)
     done = 0
@@ -163,7 +167,6 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         if "random" in methods:
             rs = random_locator(LocateInputs(model, sites, None, None, seed=cfg.seed * 100003 + len(rows_out)))
             per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")
-        full = UnitScores(sites, {s.param: torch.ones(s.units) for s in sites}, "all").select(1.0)
         for method, knob, value in variants:
             if knob == "sparsity":
                 mask, penalty = per_image[method].select(value), None
