@@ -195,8 +195,8 @@ def _failure_refs(ws: Workspace, state: dict, limit: int | None = None) -> list[
 
     entries = [state["images"][i] for i in state["failing"]][:limit]
     if any("sha256" not in e for e in entries):
-        raise WorkspaceError(f"the workspace {ws.root} was made by an older vitedit that kept the failing images "
-                             "as tensors; rerun `vitedit locate FAILURES`")
+        raise WorkspaceError(f"the workspace state {ws.root / 'workspace.json'} records no sha256 for some failing "
+                             "images (it was edited or damaged); rerun `vitedit locate FAILURES`")
     missing, changed = [], []
     for e in entries:
         path = Path(e["path"])
