@@ -30,16 +30,19 @@ def _batch(model, b=4, seed=0):
     return mixed, target
 
 
-def test_vectorized_label_masks_equal_per_sample_loop(small_vit):
+@pytest.mark.parametrize("locality_weight", [0.0, 1.0])
+def test_vectorized_label_masks_equal_per_sample_loop(small_vit, locality_weight):
     sites = find_sites(small_vit, [1, 2])
     editor = BatchedEditor(small_vit, sites)
     mixed, target = _batch(small_vit)
     tokens = forward_prefix(small_vit, mixed, 1)
-    cfg = MetaTrainConfig(inner_steps=3, outer_steps=4, inner_lr=0.3, sparsity_weight=0.3)
+    ref = (tokens.flip(0), target.flip(0)) if locality_weight else None
+    cfg = MetaTrainConfig(inner_steps=3, outer_steps=4, inner_lr=0.3, sparsity_weight=0.3,
+                          locality_weight=locality_weight)
     g = torch.Generator().manual_seed(1)
     z = {s.param: torch.rand(4, s.units, generator=g) * 2 - 1 for s in sites}
-    vec, vinfo = label_masks(editor, tokens, target, z, cfg)
-    loop, linfo = label_masks_loop(editor, tokens, target, z, cfg)
+    vec, vinfo = label_masks(editor, tokens, target, z, cfg, ref)
+    loop, linfo = label_masks_loop(editor, tokens, target, z, cfg, ref)
     for p in vec:
         assert vec[p].shape == (4, next(s.units for s in sites if s.param == p))
         torch.testing.assert_close(vec[p], loop[p], atol=1e-4, rtol=0)
@@ -47,6 +50,22 @@ def test_vectorized_label_masks_equal_per_sample_loop(small_vit):
     # The bi-level optimization does something: masks moved away from their random start.
     start = {p: torch.sigmoid(cfg.label_sharpness * z[p]) for p in z}
     assert any((vec[p] - start[p]).abs().max() > 0.05 for p in vec)
+
+
+def test_locality_term_changes_masks_and_needs_reference_images(small_vit):
+    sites = find_sites(small_vit, [1, 2])
+    editor = BatchedEditor(small_vit, sites)
+    mixed, target = _batch(small_vit)
+    tokens = forward_prefix(small_vit, mixed, 1)
+    g = torch.Generator().manual_seed(2)
+    z = {s.param: torch.rand(4, s.units, generator=g) * 2 - 1 for s in sites}
+    with_loc = MetaTrainConfig(inner_steps=2, outer_steps=3, inner_lr=0.3, sparsity_weight=0.3, locality_weight=5.0)
+    with pytest.raises(ValueError, match="reference images"):
+        label_masks(editor, tokens, target, z, with_loc)
+    plain, _ = label_masks(editor, tokens, target, z, MetaTrainConfig(inner_steps=2, outer_steps=3, inner_lr=0.3,
+                                                                     sparsity_weight=0.3))
+    local, _ = label_masks(editor, tokens, target, z, with_loc, (tokens.flip(0), target.flip(0)))
+    assert any((plain[p] - local[p]).abs().max() > 1e-3 for p in plain)
 
 
 def test_batched_editor_with_base_weights_matches_model(small_vit):

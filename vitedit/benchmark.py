@@ -49,6 +49,7 @@ class BenchmarkConfig:
     lr: float | None = None
     max_steps: int = 100
     hypernet: Path | None = None
+    compare_to: Path | None = None    # a published results.json to check this run against
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -86,6 +87,16 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     from .pipeline import default_hypernet_for, default_locality_dir, resolve_edit_config
 
     t_start = time.time()
+    published = None
+    if cfg.compare_to is not None:  # read it first: fail fast, and before --out could replace it
+        from .artifacts import read_json
+
+        if Path(cfg.compare_to).resolve() == (Path(cfg.out) / "results.json").resolve():
+            raise UsageError("--compare names the results.json this run would overwrite; pass another --out")
+        published = read_json(cfg.compare_to, "published benchmark results")
+        if not isinstance(published.get("summary"), list):
+            raise UsageError(f"--compare: {cfg.compare_to} has no 'summary' list; pass a results.json written by "
+                             "`vitedit benchmark`")
     loaded = load_model(None)
     model = loaded.model
     sites = tuple(loaded.sites())
@@ -187,6 +198,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             progress("benchmark edits", done, total)
 
     summary = aggregate(rows_out)
+    gains = matched_locality(summary) if "hypernet" in methods and set(methods) & set(BASELINES) else []
     result = {
         "model": loaded.name, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
         "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
@@ -195,7 +207,14 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
                    for k, v in asdict(cfg).items()},
         "wall_seconds": round(time.time() - t_start, 1),
         "summary": summary,
+        "matched_locality": gains,
     }
+    if published is not None:
+        ignore = {"out", "compare_to"}
+        differs = sorted(k for k, v in result["config"].items()
+                         if k not in ignore and published.get("config", {}).get(k) != v)
+        result["comparison"] = {"published": str(cfg.compare_to), "config_differences": differs,
+                                **compare(summary, published["summary"])}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {**result, "edits": rows_out})
@@ -230,6 +249,83 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
             entry[f"{metric}_ci95"] = None if ci is None else round(ci, 4)
         out.append(entry)
     return out
+
+
+BASELINES = ("random", "gradient", "l1", "l2")
+
+
+def _interp(curve: Sequence[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of y at x on a curve of (x, y) points; None outside its x range."""
+    pts = sorted(curve)
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def matched_locality(summary: Sequence[dict], method: str = "hypernet",
+                     baselines: Sequence[str] = BASELINES) -> list[dict]:
+    """``method``'s generalization minus each baseline's at the same locality, averaged over groups.
+
+    Per group and edit setting, a baseline's generalization-vs-locality curve (its group means over
+    its sweep) is interpolated linearly at the locality of each ``method`` point; points outside the
+    baseline's locality range are skipped (no extrapolation). The gain against a baseline is the mean
+    of these differences over groups, with a 95% CI across groups. The best baseline is the one with
+    the smallest mean gain (choosing it per group instead would favour the baselines: the maximum of
+    several noisy curves is biased upward). Returns one row per (edit_images, setting).
+    """
+    by = {}
+    for r in summary:
+        if r["group"] != "all" and r["generalization"] is not None and r["locality"] is not None:
+            by.setdefault((r["group"], r["edit_images"]), []).append(r)
+    diffs: dict[tuple[int, float], dict[str, list[float]]] = {}
+    for (group, k), rows in sorted(by.items()):
+        for b in baselines:
+            curve = [(r["locality"], r["generalization"]) for r in rows if r["method"] == b]
+            for r in rows:
+                at = _interp(curve, r["locality"]) if r["method"] == method else None
+                if at is not None:
+                    diffs.setdefault((k, r["setting"]), {}).setdefault(b, []).append(r["generalization"] - at)
+    out = []
+    for (k, setting), per in sorted(diffs.items()):
+        stats = {b: mean_ci(v) + (len(v),) for b, v in per.items()}
+        best = min(stats, key=lambda b: stats[b][0])
+        m, ci, n = stats[best]
+        out.append({"edit_images": k, "method": method, "setting": setting, "best_baseline": best, "groups": n,
+                    "gain": round(m, 4), "gain_ci95": None if ci is None else round(ci, 4),
+                    "gain_by_baseline": {b: round(v[0], 4) for b, v in sorted(stats.items())}})
+    return out
+
+
+def compare(summary: Sequence[dict], published: Sequence[dict],
+            metrics: Sequence[str] = ("success", "generalization", "locality", "accuracy_drop")) -> dict:
+    """Check a rerun against a published summary: is every mean inside the published 95% CI?
+
+    Rows are matched on (group, edit_images, method, setting). A published mean with no CI (one
+    edit, or none) must be reproduced exactly (to 1e-4). Returns the counts and the rows outside.
+    """
+    ref = {(r["group"], r["edit_images"], r["method"], r["setting"]): r for r in published}
+    checked, outside, max_diff = 0, [], 0.0
+    for r in summary:
+        p = ref.get((r["group"], r["edit_images"], r["method"], r["setting"]))
+        if p is None:
+            continue
+        for metric in metrics:
+            new, old = r.get(metric), p.get(metric)
+            if new is None or old is None:
+                continue
+            checked += 1
+            diff = abs(new - old)
+            max_diff = max(max_diff, diff)
+            if diff > (p.get(f"{metric}_ci95") or 0.0) + 1e-4:
+                outside.append({"group": r["group"], "edit_images": r["edit_images"], "method": r["method"],
+                                "setting": r["setting"], "metric": metric, "published": old, "rerun": new,
+                                "published_ci95": p.get(f"{metric}_ci95")})
+    matched_rows = sum(1 for r in summary if (r["group"], r["edit_images"], r["method"], r["setting"]) in ref)
+    return {"rows_matched": matched_rows, "values_checked": checked, "values_outside_ci": len(outside),
+            "max_abs_diff": round(max_diff, 4), "outside": outside}
 
 
 def plot_benchmark(summary: Sequence[dict], out: Path, edit_images: Sequence[int]) -> None:

@@ -354,6 +354,10 @@ def meta_train_cmd(
     outer_steps: int = typer.Option(10, "--outer-steps"),
     inner_lr: float = typer.Option(1e-3, "--inner-lr", help="Soft-masked SGD step of the pseudo-edit (paper: 1e-3 for ViT-B/16)."),
     sparsity_weight: float = typer.Option(1.0, "--sparsity-weight", help="lambda on the mean mask in the outer loss."),
+    locality_weight: float = typer.Option(
+        0.0, "--locality-weight",
+        help="Weight of a locality term in the outer loss: the KL each pseudo-edit causes on another clean image "
+             "of the batch (0: the paper's objective)."),
     hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr"),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
     out: Path = typer.Option(Path("hypernet"), "--out", help="Folder for checkpoints and the final hypernet.safetensors."),
@@ -369,7 +373,7 @@ def meta_train_cmd(
 
     ui = UI(as_json, quiet)
     cfg = MetaTrainConfig(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
-                          sparsity_weight=sparsity_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
+                          sparsity_weight=sparsity_weight, locality_weight=locality_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
                           seed=seed)
     with ui.progress() as progress:
         def report(desc: str, done: int, total: int, stats: dict | None = None) -> None:
@@ -459,6 +463,8 @@ def benchmark(
     max_steps: int = typer.Option(100, "--max-steps"),
     out: Path = typer.Option(Path("benchmark-results"), "--out"),
     seed: int = typer.Option(0, "--seed"),
+    compare: Optional[Path] = typer.Option(
+        None, "--compare", help="A published results.json: check that every mean of this run lies within its 95% CI."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -470,7 +476,7 @@ def benchmark(
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
                           _floats(sparsities, "--sparsities"), edits_per_group=edits_per_group, out=out, seed=seed,
-                          lr=lr, max_steps=max_steps, hypernet=hypernet)
+                          lr=lr, max_steps=max_steps, hypernet=hypernet, compare_to=compare)
     with ui.progress() as progress:
         res = run_benchmark(cfg, progress)
     if as_json:
@@ -481,6 +487,20 @@ def benchmark(
                  "generalization", "locality", "accuracy drop"],
                  [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], _ci(r, "success"), _ci(r, "generalization"),
                    _ci(r, "locality"), _ci(r, "accuracy_drop")] for r in rows])
+    if res.get("matched_locality"):
+        ui.table("Hypernetwork minus the best baseline at the same locality, mean over groups +/- 95% CI",
+                 ["edit images", "sparsity", "best baseline", "groups", "gain", "gain vs each baseline"],
+                 [[r["edit_images"], f"{r['setting']:g}", r["best_baseline"], r["groups"], _ci(r, "gain"),
+                   ", ".join(f"{b} {g:+.3f}" for b, g in r["gain_by_baseline"].items())]
+                  for r in res["matched_locality"]])
+    if "comparison" in res:
+        c = res["comparison"]
+        ui.out.print(f"against {c['published']}: {c['values_checked'] - c['values_outside_ci']}/{c['values_checked']} "
+                     f"values within the published 95% CI (max |difference| {c['max_abs_diff']:g})"
+                     + (f"; config differs in {', '.join(c['config_differences'])}" if c["config_differences"] else ""))
+        for o in c["outside"][:10]:
+            ui.out.print(f"  outside: {o['group']} k={o['edit_images']} {o['method']} {o['setting']:g} {o['metric']}: "
+                         f"published {o['published']:.4f} +/- {o['published_ci95'] or 0:.4f}, rerun {o['rerun']:.4f}")
     ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (results.json, edits.csv, summary.csv, tradeoff.png)")
 
 

@@ -52,6 +52,7 @@ class MetaTrainConfig:
     inner_lr: float = 1e-3
     outer_lr: float = 0.1
     sparsity_weight: float = 1.0      # lambda on mean(m)
+    locality_weight: float = 0.0      # weight of the KL on another clean image (0: the paper's objective)
     temperature: float = 5.0
     mask_sharpness: float = 10.0      # m = sigmoid(10 z) while optimizing
     label_sharpness: float = 3.0      # label mask = sigmoid(3 z)
@@ -140,14 +141,22 @@ def kl_per_sample(logits: "torch.Tensor", target_probs: "torch.Tensor", temperat
 
 
 def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Tensor", z_init: dict[str, "torch.Tensor"],
-                cfg: MetaTrainConfig) -> tuple[dict[str, "torch.Tensor"], dict]:
+                cfg: MetaTrainConfig, ref: tuple["torch.Tensor", "torch.Tensor"] | None = None,
+                ) -> tuple[dict[str, "torch.Tensor"], dict]:
     """Bi-level optimization of per-sample mask logits, all samples at once.
 
     tokens (B, N, D) at the first edited block of the *mixed* images; target (B, C) clean soft
     predictions; z_init per site (B, units). Returns per site (B, units) label masks in (0, 1).
+
+    With ``cfg.locality_weight > 0``, ``ref = (ref_tokens, ref_target)`` gives each sample an unrelated
+    clean image (tokens (B, N, D) and the unedited model's soft prediction (B, C)); the outer loss
+    adds ``locality_weight * KL`` of that image under the sample's edited weights, so the label
+    masks prefer units whose edit leaves other images alone.
     """
     import torch
 
+    if cfg.locality_weight > 0 and ref is None:
+        raise ValueError("locality_weight > 0 needs reference images")
     z = {p: t.clone().requires_grad_(True) for p, t in z_init.items()}
     opt = torch.optim.RMSprop(list(z.values()), lr=cfg.outer_lr)
     w0 = editor.expand_base(tokens.shape[0])
@@ -175,6 +184,9 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
         kl_s = kl_per_sample(editor.logits(tokens, w_inner), target, cfg.temperature)  # (B,)
         density = torch.cat([v for v in m.values()], dim=1).mean(1)  # (B,)
         loss = (kl_s + cfg.sparsity_weight * density).sum()
+        if cfg.locality_weight > 0:
+            drift = kl_per_sample(editor.logits(ref[0], w_inner), ref[1], cfg.temperature)
+            loss = loss + cfg.locality_weight * drift.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,11 +195,12 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
     return masks, {"kl_after": kl_after}
 
 
-def label_masks_loop(editor: BatchedEditor, tokens, target, z_init, cfg: MetaTrainConfig):
+def label_masks_loop(editor: BatchedEditor, tokens, target, z_init, cfg: MetaTrainConfig, ref=None):
     """The same procedure one sample at a time (reference for tests and the speed benchmark)."""
     import torch
 
-    parts = [label_masks(editor, tokens[i:i + 1], target[i:i + 1], {p: t[i:i + 1] for p, t in z_init.items()}, cfg)
+    parts = [label_masks(editor, tokens[i:i + 1], target[i:i + 1], {p: t[i:i + 1] for p, t in z_init.items()}, cfg,
+                         None if ref is None else (ref[0][i:i + 1], ref[1][i:i + 1]))
              for i in range(tokens.shape[0])]
     masks = {p: torch.cat([m[p] for m, _ in parts]) for p in z_init}
     return masks, {"kl_after": torch.cat([info["kl_after"] for _, info in parts])}
@@ -351,7 +364,11 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
             kl_before = kl_per_sample(base_suffix(tokens), target, cfg.temperature)
             feats = base_suffix(tokens, pre_logits=True)                              # (B, D) [CLS] of mixed
         z_init = {s.param: (torch.rand(cfg.batch, s.units, generator=gen) * 2 - 1).to(device) for s in sites}
-        masks, info = label_masks(editor, tokens, target, z_init, cfg)
+        ref = None
+        if cfg.locality_weight > 0:  # each sample's unrelated image: the next sample's clean image
+            with torch.no_grad():
+                ref = (forward_prefix(model, clean, start).roll(-1, 0), target.roll(-1, 0))
+        masks, info = label_masks(editor, tokens, target, z_init, cfg, ref)
         label = torch.cat([masks[s.param] for s in sites], dim=1)                     # (B, units total)
         for _ in range(cfg.hypernet_steps):
             logits = torch.cat(train_net(feats, logits=True), dim=1)                 # (B, units total)

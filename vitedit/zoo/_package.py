@@ -131,12 +131,12 @@ def package(data: dict, manifest: dict, work: Path, assets: Path, args) -> dict:
         "edit_defaults": {"lr": args.edit_lr},
         "figures": figures,
         "recipe": {"command": (f"python -m vitedit.zoo.fashion build --work {work} --epochs {args.epochs}"
-                               + (f" --restart-epochs {args.restart_epochs} --restart-lr {args.restart_lr}"
+                               + (f" --restart-epochs {','.join(map(str, args.restart_epochs))} --restart-lr {args.restart_lr}"
                                   if args.restart_epochs else "") + f" --edit-lr {args.edit_lr} --resume"),
                    "restart_epochs": args.restart_epochs,
                    "seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
                    "clusters": args.clusters, "min_share": args.min_share,
-                   "last_epoch_line": next((ln for ln in reversed(train_log.splitlines()) if ln.startswith(("epoch", "restart epoch"))), None)},
+                   "last_epoch_line": next((ln for ln in reversed(train_log.splitlines()) if ln.startswith(("epoch", "restart"))), None)},
         "data": "Fashion-MNIST (MIT licence), Debian package dataset-fashion-mnist",
     }
     (assets / "model.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -146,10 +146,20 @@ def augment(x, gen):
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
+def stage_names(cycles: int) -> list[str]:
+    """Stage names in order: "" (training from scratch), then "restart", "restart2", ... ."""
+    return [""] + ["restart" + (str(i + 1) if i else "") for i in range(cycles)]
+
+
+def stage_weights(work: Path, stage: str) -> Path:
+    """Where a stage's final weights are kept (``model.safetensors`` is always the latest stage's)."""
+    return work / f"model-{stage or 'stage1'}.safetensors"
+
+
 def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: int, resume: bool,
-          threads: int, stage: str = "") -> None:
-    """Train (stage "") or, with ``stage="restart"``, run a second cosine cycle (no warm-up) starting
-    from ``model.safetensors`` of the first stage (kept as ``model-stage1.safetensors``)."""
+          threads: int, stage: str = "", init: str | None = None) -> None:
+    """Train from scratch (stage "") or run a further cosine cycle without warm-up (stage "restart",
+    "restart2", ...) starting from the final weights of stage ``init``."""
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -164,16 +174,13 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
 
     torch.manual_seed(seed)
     model = create_model(drop_path_rate=0.1)
-    if stage == "restart":
+    if init is not None:
         from safetensors.torch import load_file
 
-        first = work / "model-stage1.safetensors"
-        if not first.exists():
-            (work / "model.safetensors").replace(first)
-        model.load_state_dict(load_file(str(first)))
+        model.load_state_dict(load_file(str(stage_weights(work, init))))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(keep) / batch)
-    total, warmup = epochs * steps_per_epoch, (1 if stage == "restart" else steps_per_epoch)
+    total, warmup = epochs * steps_per_epoch, (1 if stage else steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     gen = torch.Generator().manual_seed(seed)
@@ -219,7 +226,9 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
                     "epoch": epoch + 1}, tmp)
         tmp.replace(ckpt)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(work / "model.safetensors"))
+    for path in (stage_weights(work, stage), work / "model.safetensors"):
+        save_file(state, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)
     print(f"training done in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -236,6 +245,10 @@ def predict(model, x, batch: int = 1000):
 
 # ----------------------------------------------------------------------------- cli
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitedit.zoo.fashion", description=__doc__.split("\n\n")[0])
     p.add_argument("step", choices=["split", "train", "restart", "package", "build"])
@@ -249,9 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--restart-epochs", type=int, default=0,
-                   help="`build`: after training, a second cosine cycle of this many epochs (0: none)")
-    p.add_argument("--restart-lr", type=float, default=2e-4, help="peak learning rate of the restart cycle")
+    p.add_argument("--restart-epochs", type=_int_list, default=[],
+                   help="after training, further cosine cycles of these many epochs each, e.g. 4,10 "
+                        "(`build`: all of them; `restart`: the next one not finished)")
+    p.add_argument("--restart-lr", type=float, default=2e-4, help="peak learning rate of each restart cycle")
     p.add_argument("--edit-lr", type=float, default=1e-3,
                    help="edit learning rate recorded as the default model's recommended --lr")
     p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "fashion",
@@ -271,9 +285,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("train", "build"):
         train(data, manifest, args.work, args.epochs, args.batch, args.lr, args.seed, args.resume,
               args.threads)
-    if args.step == "restart" or (args.step == "build" and args.restart_epochs > 0):
-        train(data, manifest, args.work, args.restart_epochs, args.batch, args.restart_lr, args.seed + 1, args.resume,
-              args.threads, stage="restart")
+    stages = stage_names(len(args.restart_epochs))
+    for i, (stage, epochs) in enumerate(zip(stages[1:], args.restart_epochs)):
+        if args.step == "build" or (args.step == "restart" and not stage_weights(args.work, stage).exists()):
+            train(data, manifest, args.work, epochs, args.batch, args.restart_lr, args.seed + 1 + i, args.resume,
+                  args.threads, stage=stage, init=stages[i])
+            if args.step == "restart":
+                break
     if args.step in ("package", "build"):
         from vitedit.zoo._package import package
         package(data, manifest, args.work, args.assets, args)

@@ -1,0 +1,121 @@
+"""`vitedit benchmark`: aggregation, the matched-locality comparison, rerun checks, and a small real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vitedit.benchmark import BenchmarkConfig, _interp, aggregate, compare, matched_locality, run_benchmark
+from vitedit.errors import ArtifactError, UsageError
+
+
+def _row(group, method, setting, gen, loc, k=1):
+    return {"group": group, "edit_images": k, "method": method, "setting": setting, "generalization": gen,
+            "locality": loc}
+
+
+def test_interp_is_linear_inside_and_undefined_outside():
+    curve = [(0.8, 0.2), (0.6, 0.4), (0.4, 0.8)]
+    assert _interp(curve, 0.7) == pytest.approx(0.3)
+    assert _interp(curve, 0.5) == pytest.approx(0.6)
+    assert _interp(curve, 0.4) == pytest.approx(0.8)
+    assert _interp(curve, 0.9) is None and _interp(curve, 0.3) is None
+    assert _interp([], 0.5) is None
+
+
+def test_matched_locality_gain_against_the_best_baseline_averaged_over_groups():
+    summary = []
+    for group, shift in (("a", 0.0), ("b", 0.1)):
+        # Baselines: straight lines gen = 1 - loc (random) and gen = 1.1 - loc (gradient, better).
+        for loc in (0.3, 0.5, 0.7, 0.9):
+            summary.append(_row(group, "random", loc, 1.0 - loc, loc))
+            summary.append(_row(group, "gradient", loc, 1.1 - loc, loc))
+        # The method sits 0.05 + shift above the gradient curve at locality 0.6.
+        summary.append(_row(group, "hypernet", 0.05, 1.1 - 0.6 + 0.05 + shift, 0.6))
+        # A point outside every baseline's locality range is skipped.
+        summary.append(_row(group, "hypernet", 0.5, 0.99, 0.95))
+    summary.append(_row("all", "hypernet", 0.05, 0.0, 0.6))  # overall rows are not used
+    (row,) = matched_locality(summary)
+    assert row["setting"] == 0.05 and row["groups"] == 2
+    assert row["best_baseline"] == "gradient"
+    assert row["gain"] == pytest.approx(0.10, abs=1e-4)          # mean of 0.05 and 0.15
+    assert row["gain_by_baseline"]["random"] == pytest.approx(0.20, abs=1e-4)
+    assert row["gain_ci95"] > 0
+
+
+def test_compare_flags_only_values_outside_the_published_ci():
+    published = [{**_row("all", "random", 0.05, 0.5, 0.6), "generalization_ci95": 0.1, "locality_ci95": 0.02},
+                 {**_row("x", "random", 0.05, 0.5, 0.6), "generalization_ci95": None, "locality_ci95": None}]
+    same = compare([dict(r) for r in published], published, metrics=("generalization", "locality"))
+    assert same["values_checked"] == 4 and same["values_outside_ci"] == 0 and same["max_abs_diff"] == 0
+    rerun = [{**published[0], "generalization": 0.58, "locality": 0.65}, {**published[1], "generalization": 0.5001}]
+    res = compare(rerun, published, metrics=("generalization", "locality"))
+    assert res["values_outside_ci"] == 1
+    assert res["outside"][0]["metric"] == "locality" and res["outside"][0]["group"] == "all"
+    assert res["max_abs_diff"] == pytest.approx(0.08)
+    # Rows missing from the published table are not counted.
+    assert compare([_row("new", "l1", 1e-3, 0.1, 0.9)], published)["rows_matched"] == 0
+
+
+def test_aggregate_means_and_cis_per_group_and_overall():
+    rows = [{"group": g, "edit_images": 1, "method": "random", "sparsity": 0.05, "strength": None,
+             "success": 1.0, "generalization": v, "locality": 0.5, "accuracy_drop": 0.0}
+            for g, v in (("a", 0.2), ("a", 0.4), ("b", 0.9))]
+    by = {(r["group"], r["method"]): r for r in aggregate(rows)}
+    assert by[("all", "random")]["edits"] == 3 and by[("all", "random")]["generalization"] == pytest.approx(0.5)
+    assert by[("a", "random")]["generalization"] == pytest.approx(0.3)
+    assert by[("b", "random")]["generalization_ci95"] is None  # one edit: no interval
+    assert by[("all", "random")]["locality_ci95"] == 0.0
+
+
+SMALL = dict(groups=("shirt",), methods=("hypernet", "random", "l2"), edit_images=(1,), sparsities=(0.02, 0.1),
+             l2_strengths=(0.1, 10.0), edits_per_group=2, max_steps=20)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "first"
+    res = run_benchmark(BenchmarkConfig(out=out, **SMALL), lambda *a: None)
+    return out, res
+
+
+def test_small_benchmark_writes_consistent_outputs(small_run):
+    out, res = small_run
+    assert {p.name for p in out.iterdir()} >= {"results.json", "edits.csv", "summary.csv", "tradeoff.png"}
+    saved = json.loads((out / "results.json").read_text())
+    # 2 edits x (hypernet 2 + random 2 + l2 2 settings) = 12 edits, all from 1 image.
+    assert len(saved["edits"]) == 12
+    assert saved["summary"] == res["summary"]
+    for r in saved["edits"]:
+        for metric in ("success", "generalization", "locality"):
+            assert 0.0 <= r[metric] <= 1.0
+        assert (r["sparsity"] is None) == (r["method"] == "l2")
+    # Every method edits the same images: the edit index pairs them, and success is measured on them.
+    assert {r["edit"] for r in saved["edits"]} == {0, 1}
+    assert res["matched_locality"] and all(r["best_baseline"] in ("random", "l2") for r in res["matched_locality"])
+    # Wider masks change more: random at 10% moves at least as many units as at 2%.
+    units = {(r["edit"], r["sparsity"]): r["units_edited"] for r in saved["edits"] if r["method"] == "random"}
+    assert all(units[(e, 0.1)] > units[(e, 0.02)] for e in (0, 1))
+
+
+def test_rerun_with_the_same_seed_reproduces_the_published_table(small_run, tmp_path):
+    out, first = small_run
+    res = run_benchmark(BenchmarkConfig(out=tmp_path / "rerun", compare_to=out / "results.json", **SMALL),
+                        lambda *a: None)
+    c = res["comparison"]
+    assert c["config_differences"] == []
+    assert c["values_checked"] > 0 and c["values_outside_ci"] == 0
+    assert [r["generalization"] for r in res["summary"]] == [r["generalization"] for r in first["summary"]]
+
+
+def test_compare_refuses_bad_or_clobbered_files(small_run, tmp_path):
+    out, _ = small_run
+    with pytest.raises(UsageError, match="overwrite"):
+        run_benchmark(BenchmarkConfig(out=out, compare_to=out / "results.json", **SMALL), lambda *a: None)
+    with pytest.raises(ArtifactError, match="not found"):
+        run_benchmark(BenchmarkConfig(out=tmp_path, compare_to=tmp_path / "missing.json", **SMALL), lambda *a: None)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(UsageError, match="summary"):
+        run_benchmark(BenchmarkConfig(out=tmp_path / "o", compare_to=bad, **SMALL), lambda *a: None)
