@@ -119,3 +119,13 @@ def test_compare_refuses_bad_or_clobbered_files(small_run, tmp_path):
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(UsageError, match="summary"):
         run_benchmark(BenchmarkConfig(out=tmp_path / "o", compare_to=bad, **SMALL), lambda *a: None)
+
+
+def test_subset_run_reproduces_the_matching_rows_of_a_larger_run(small_run, tmp_path):
+    _, first = small_run
+    sub = run_benchmark(BenchmarkConfig(**{**SMALL, "methods": ("random",), "sparsities": (0.1,),
+                                           "out": tmp_path}), lambda *a: None)
+    key = ("group", "edit_images", "method", "setting")
+    full = {tuple(r[k] for k in key): r for r in first["summary"]}
+    for r in sub["summary"]:
+        assert r == full[tuple(r[k] for k in key)]

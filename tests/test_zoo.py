@@ -70,3 +70,30 @@ def test_augment_keeps_shape_and_is_seeded():
 def test_load_fashion_reports_missing_files(tmp_path):
     with pytest.raises(SystemExit, match="dataset-fashion-mnist"):
         fashion.load_fashion(tmp_path)
+
+
+def test_stage_names_and_cycle_list():
+    assert fashion.stage_names(0) == [""]
+    assert fashion.stage_names(2) == ["", "restart", "restart2"]
+    assert fashion._int_list("4,10") == [4, 10] and fashion._int_list("") == []
+
+
+def test_restart_cycles_chain_from_the_previous_stage(tmp_path, capsys):
+    """Each restart cycle starts from the previous stage's weights; model.safetensors is the latest."""
+    from safetensors.torch import load_file
+
+    data = _synthetic(n_per_class=6)
+    manifest = fashion.make_split(data, clusters=2, min_share=0.1, seed=0)
+    common = dict(data=data, manifest=manifest, work=tmp_path, epochs=1, batch=32, resume=False, threads=1)
+    fashion.train(lr=1e-3, seed=0, **common)
+    fashion.train(lr=3e-4, seed=1, stage="restart", init="", **common)
+    first = load_file(str(tmp_path / "model-stage1.safetensors"))
+    restart = load_file(str(tmp_path / "model-restart.safetensors"))
+    latest = load_file(str(tmp_path / "model.safetensors"))
+    assert all((restart[k] == latest[k]).all() for k in latest)
+    assert any(not (restart[k] == first[k]).all() for k in first)
+    # A cycle that does no step (0 epochs) hands its starting weights on unchanged: it did start from them.
+    fashion.train(lr=3e-4, seed=2, stage="restart2", init="restart", **{**common, "epochs": 0})
+    again = load_file(str(tmp_path / "model-restart2.safetensors"))
+    assert all((again[k] == restart[k]).all() for k in restart)
+    assert "restart epoch 1/1" in capsys.readouterr().out

@@ -180,7 +180,7 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
         model.load_state_dict(load_file(str(stage_weights(work, init))))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(keep) / batch)
-    total, warmup = epochs * steps_per_epoch, (1 if stage else steps_per_epoch)
+    total, warmup = max(1, epochs * steps_per_epoch), (1 if stage else steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     gen = torch.Generator().manual_seed(seed)

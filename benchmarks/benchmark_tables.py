@@ -1,0 +1,71 @@
+"""Print the markdown tables of docs/benchmark.md from a `vitedit benchmark` results.json.
+
+    python benchmarks/benchmark_tables.py docs/benchmark-results/results.json
+    python benchmarks/benchmark_tables.py docs/benchmark-results/results.json --hypernet-from other/results.json
+
+``--hypernet-from`` replaces the hypernet rows with those of another run (for example a run with
+``--methods hypernet --hypernet OTHER``) before computing the tables. This is sound because image
+draws are seeded per group and setting: both runs edited the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vitedit.benchmark import aggregate, matched_locality
+
+
+def ci(r: dict, key: str) -> str:
+    m, c = r[key], r[f"{key}_ci95"]
+    if m is None:
+        return "n/a"
+    return f"{m:.3f}" if c is None else f"{m:.3f} ± {c:.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results")
+    p.add_argument("--hypernet-from", help="take the hypernet edits from this results.json instead")
+    args = p.parse_args()
+    res = json.load(open(args.results))
+    edits = res["edits"]
+    if args.hypernet_from:
+        other = json.load(open(args.hypernet_from))
+        edits = [e for e in edits if e["method"] != "hypernet"] + [e for e in other["edits"] if e["method"] == "hypernet"]
+    summary = aggregate(edits)
+    for k in res["edit_images"]:
+        rows = [r for r in summary if r["group"] == "all" and r["edit_images"] == k]
+        print(f"\n**Edits from {k} image{'s' if k > 1 else ''}** (all groups; mean ± 95% CI over "
+              f"{rows[0]['edits']} edits per row)\n")
+        print("| method | setting | success | generalization | locality | accuracy drop |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['knob']} {r['setting']:g} | {ci(r, 'success')} | {ci(r, 'generalization')} | "
+                  f"{ci(r, 'locality')} | {ci(r, 'accuracy_drop')} |")
+    for k in res["edit_images"]:
+        by = {(r["method"], r["setting"]): r for r in summary if r["group"] == "all" and r["edit_images"] == k}
+        print(f"\n**Hypernetwork vs random masks at the same sparsity, edits from {k} image(s)**\n")
+        print("| sparsity | generalization: hypernet vs random | locality: hypernet vs random | success: random |")
+        print("|---|---|---|---|")
+        for (m, s), h in sorted(by.items()):
+            if m != "hypernet" or ("random", s) not in by:
+                continue
+            r = by[("random", s)]
+            print(f"| {s:g} | {ci(h, 'generalization')} vs {ci(r, 'generalization')} | "
+                  f"{ci(h, 'locality')} vs {ci(r, 'locality')} | {r['success']:.3f} |")
+    gains = matched_locality(summary)
+    if gains:
+        print("\n**Hypernetwork minus each baseline at matched locality** (generalization points; mean over "
+              "groups ± 95% CI across groups for the best baseline)\n")
+        print("| edit images | sparsity | groups | best baseline | gain vs best | gradient | random | l1 | l2 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for g in gains:
+            per = g["gain_by_baseline"]
+            cells = [f"{per[b]:+.3f}" if b in per else "n/a" for b in ("gradient", "random", "l1", "l2")]
+            print(f"| {g['edit_images']} | {g['setting']:g} | {g['groups']} | {g['best_baseline']} | "
+                  f"{g['gain']:+.3f} ± {g['gain_ci95'] or 0:.3f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
