@@ -106,6 +106,7 @@ def test_rerun_with_the_same_seed_reproduces_the_published_table(small_run, tmp_
     c = res["comparison"]
     assert c["config_differences"] == []
     assert c["values_checked"] > 0 and c["values_outside_ci"] == 0
+    assert c["overall_rows_compared"] and c["edits_identical"] == c["edits_matched"] == 12
     assert [r["generalization"] for r in res["summary"]] == [r["generalization"] for r in first["summary"]]
 
 
@@ -129,3 +130,13 @@ def test_subset_run_reproduces_the_matching_rows_of_a_larger_run(small_run, tmp_
     full = {tuple(r[k] for k in key): r for r in first["summary"]}
     for r in sub["summary"]:
         assert r == full[tuple(r[k] for k in key)]
+
+
+def test_compare_skips_overall_rows_when_the_groups_differ(small_run, tmp_path):
+    out, _ = small_run
+    res = run_benchmark(BenchmarkConfig(**{**SMALL, "groups": ("coat",), "methods": ("random",), "sparsities": (0.1,),
+                                           "out": tmp_path, "compare_to": out / "results.json"}), lambda *a: None)
+    c = res["comparison"]
+    assert c["config_differences"] == ["groups", "methods", "sparsities"]
+    assert not c["overall_rows_compared"]
+    assert c["rows_matched"] == 0 and c["values_checked"] == 0 and c["edits_matched"] == 0

@@ -221,8 +221,12 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         ignore = {"out", "compare_to"}
         differs = sorted(k for k, v in result["config"].items()
                          if k not in ignore and published.get("config", {}).get(k) != v)
+        # Overall rows average over the groups run: comparable only when the group sets match.
+        same_groups = sorted(published.get("groups") or []) == sorted(groups)
+        rows = summary if same_groups else [r for r in summary if r["group"] != "all"]
         result["comparison"] = {"published": str(cfg.compare_to), "config_differences": differs,
-                                **compare(summary, published["summary"])}
+                                "overall_rows_compared": same_groups, **compare(rows, published["summary"]),
+                                **identical_edits(rows_out, published.get("edits") or [])}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {**result, "edits": rows_out})
@@ -334,6 +338,17 @@ def compare(summary: Sequence[dict], published: Sequence[dict],
     matched_rows = sum(1 for r in summary if (r["group"], r["edit_images"], r["method"], r["setting"]) in ref)
     return {"rows_matched": matched_rows, "values_checked": checked, "values_outside_ci": len(outside),
             "max_abs_diff": round(max_diff, 4), "outside": outside}
+
+
+def _edit_key(e: dict) -> tuple:
+    return e["group"], e["edit_images"], e["edit"], e["method"], e["sparsity"], e["strength"]
+
+
+def identical_edits(edits: Sequence[dict], published: Sequence[dict]) -> dict:
+    """How many of this run's edits have a published counterpart, and how many match it field for field."""
+    ref = {_edit_key(e): e for e in published}
+    matched = [e for e in edits if _edit_key(e) in ref]
+    return {"edits_matched": len(matched), "edits_identical": sum(1 for e in matched if e == ref[_edit_key(e)])}
 
 
 def plot_benchmark(summary: Sequence[dict], out: Path, edit_images: Sequence[int]) -> None:

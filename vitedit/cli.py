@@ -497,7 +497,9 @@ def benchmark(
         c = res["comparison"]
         ui.out.print(f"against {c['published']}: {c['values_checked'] - c['values_outside_ci']}/{c['values_checked']} "
                      f"values within the published 95% CI (max |difference| {c['max_abs_diff']:g})"
-                     + (f"; config differs in {', '.join(c['config_differences'])}" if c["config_differences"] else ""))
+                     + (f"; config differs in {', '.join(c['config_differences'])}" if c["config_differences"] else "")
+                     + ("" if c["overall_rows_compared"] else "; overall rows skipped (other groups)"))
+        ui.out.print(f"{c['edits_identical']}/{c['edits_matched']} edits identical to the published ones")
         for o in c["outside"][:10]:
             ui.out.print(f"  outside: {o['group']} k={o['edit_images']} {o['method']} {o['setting']:g} {o['metric']}: "
                          f"published {o['published']:.4f} +/- {o['published_ci95'] or 0:.4f}, rerun {o['rerun']:.4f}")
