@@ -68,6 +68,15 @@ def test_locality_term_changes_masks_and_needs_reference_images(small_vit):
     assert any((plain[p] - local[p]).abs().max() > 1e-3 for p in plain)
 
 
+def test_locality_weight_is_validated():
+    from vitedit.errors import UsageError
+
+    with pytest.raises(UsageError, match="locality-weight"):
+        MetaTrainConfig(locality_weight=-1.0)
+    with pytest.raises(UsageError, match="batch"):
+        MetaTrainConfig(locality_weight=1.0, batch=1)
+
+
 def test_batched_editor_with_base_weights_matches_model(small_vit):
     sites = find_sites(small_vit, [1, 2])
     editor = BatchedEditor(small_vit, sites)

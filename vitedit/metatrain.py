@@ -68,6 +68,10 @@ class MetaTrainConfig:
         for name in ("steps", "batch", "inner_steps", "outer_steps", "hypernet_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.locality_weight < 0:
+            raise UsageError("--locality-weight must be >= 0")
+        if self.locality_weight > 0 and self.batch < 2:
+            raise UsageError("--locality-weight needs --batch >= 2: each pseudo-sample is checked on another's image")
         if not 0 < self.box_min <= self.box_max <= 1:
             raise UsageError("CutMix box fractions must satisfy 0 < box_min <= box_max <= 1")
 
