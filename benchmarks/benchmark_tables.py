@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitedit.benchmark import aggregate, matched_locality
+from vitedit.benchmark import aggregate, format_ci, matched_locality
 
 
 def ci(r: dict, key: str) -> str:
-    m, c = r[key], r[f"{key}_ci95"]
-    if m is None:
-        return "n/a"
-    return f"{m:.3f}" if c is None else f"{m:.3f} ± {c:.3f}"
+    return format_ci(r, key, "±")
 
 
 def main() -> None:

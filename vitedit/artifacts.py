@@ -61,7 +61,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ArtifactError(f"{what} {path} not found") from None
+        raise ArtifactError(f"{what} {path} not found; check the path") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{what} {path} is not valid JSON ({e}); delete it and rerun the step that makes it") from None
     if not isinstance(obj, dict):

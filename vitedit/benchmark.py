@@ -35,6 +35,7 @@ SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 L1_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 L2_STRENGTHS = (1e-2, 1e-1, 1.0, 10.0)
 METHODS = ("hypernet", "random", "gradient", "l1", "l2")
+METRICS = ("success", "generalization", "locality", "accuracy_drop")  # per edit; aggregated with a 95% CI
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
                                                                                kv[0][2], kv[0][3])):
         entry = {"group": grp, "edit_images": k, "method": method,
                  "setting": setting, "knob": "sparsity" if rs[0]["sparsity"] is not None else "strength", "edits": len(rs)}
-        for metric in ("success", "generalization", "locality", "accuracy_drop"):
+        for metric in METRICS:
             m, ci = mean_ci([r[metric] for r in rs])
             entry[metric] = None if m is None else round(m, 4)
             entry[f"{metric}_ci95"] = None if ci is None else round(ci, 4)
@@ -264,6 +265,14 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
 
 
 BASELINES = ("random", "gradient", "l1", "l2")
+
+
+def format_ci(row: dict, key: str, pm: str = "+/-") -> str:
+    """``row[key]`` with its 95% CI (``row[key + "_ci95"]``) for tables: "0.452 +/- 0.092"."""
+    m, ci = row[key], row[f"{key}_ci95"]
+    if m is None:
+        return "n/a"
+    return f"{m:.3f}" if ci is None else f"{m:.3f} {pm} {ci:.3f}"
 
 
 def _interp(curve: Sequence[tuple[float, float]], x: float) -> float | None:
@@ -312,18 +321,19 @@ def matched_locality(summary: Sequence[dict], method: str = "hypernet",
 
 
 def compare(summary: Sequence[dict], published: Sequence[dict],
-            metrics: Sequence[str] = ("success", "generalization", "locality", "accuracy_drop")) -> dict:
+            metrics: Sequence[str] = METRICS) -> dict:
     """Check a rerun against a published summary: is every mean inside the published 95% CI?
 
     Rows are matched on (group, edit_images, method, setting). A published mean with no CI (one
     edit, or none) must be reproduced exactly (to 1e-4). Returns the counts and the rows outside.
     """
     ref = {(r["group"], r["edit_images"], r["method"], r["setting"]): r for r in published}
-    checked, outside, max_diff = 0, [], 0.0
+    matched_rows, checked, outside, max_diff = 0, 0, [], 0.0
     for r in summary:
         p = ref.get((r["group"], r["edit_images"], r["method"], r["setting"]))
         if p is None:
             continue
+        matched_rows += 1
         for metric in metrics:
             new, old = r.get(metric), p.get(metric)
             if new is None or old is None:
@@ -335,7 +345,6 @@ def compare(summary: Sequence[dict], published: Sequence[dict],
                 outside.append({"group": r["group"], "edit_images": r["edit_images"], "method": r["method"],
                                 "setting": r["setting"], "metric": metric, "published": old, "rerun": new,
                                 "published_ci95": p.get(f"{metric}_ci95")})
-    matched_rows = sum(1 for r in summary if (r["group"], r["edit_images"], r["method"], r["setting"]) in ref)
     return {"rows_matched": matched_rows, "values_checked": checked, "values_outside_ci": len(outside),
             "max_abs_diff": round(max_diff, 4), "outside": outside}
 

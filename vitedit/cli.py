@@ -469,7 +469,7 @@ def benchmark(
     quiet: bool = QuietOpt,
 ) -> None:
     """The paper's comparison (learned vs random vs gradient masks vs L1/L2 fine-tuning) on the default model."""
-    from .benchmark import BenchmarkConfig, run_benchmark
+    from .benchmark import METRICS, BenchmarkConfig, format_ci, run_benchmark
 
     ui = UI(as_json, quiet)
     cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
@@ -485,12 +485,12 @@ def benchmark(
         rows = [r for r in res["summary"] if r["group"] == "all" and r["edit_images"] == k]
         ui.table(f"All groups, edits from {k} image(s): mean +/- 95% CI", ["method", "setting", "edits", "success",
                  "generalization", "locality", "accuracy drop"],
-                 [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], _ci(r, "success"), _ci(r, "generalization"),
-                   _ci(r, "locality"), _ci(r, "accuracy_drop")] for r in rows])
+                 [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], *(format_ci(r, m) for m in METRICS)]
+                  for r in rows])
     if res.get("matched_locality"):
         ui.table("Hypernetwork minus the best baseline at the same locality, mean over groups +/- 95% CI",
                  ["edit images", "sparsity", "best baseline", "groups", "gain", "gain vs each baseline"],
-                 [[r["edit_images"], f"{r['setting']:g}", r["best_baseline"], r["groups"], _ci(r, "gain"),
+                 [[r["edit_images"], f"{r['setting']:g}", r["best_baseline"], r["groups"], format_ci(r, "gain"),
                    ", ".join(f"{b} {g:+.3f}" for b, g in r["gain_by_baseline"].items())]
                   for r in res["matched_locality"]])
     if "comparison" in res:
@@ -504,13 +504,6 @@ def benchmark(
             ui.out.print(f"  outside: {o['group']} k={o['edit_images']} {o['method']} {o['setting']:g} {o['metric']}: "
                          f"published {o['published']:.4f} +/- {o['published_ci95'] or 0:.4f}, rerun {o['rerun']:.4f}")
     ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (results.json, edits.csv, summary.csv, tradeoff.png)")
-
-
-def _ci(r: dict, key: str) -> str:
-    m, ci = r[key], r[f"{key}_ci95"]
-    if m is None:
-        return "n/a"
-    return f"{m:.3f}" if ci is None else f"{m:.3f} +/- {ci:.3f}"
 
 
 @app.command("patch")

@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import math
+import shutil
 import struct
 import sys
 import time
@@ -164,6 +165,8 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
+    from vitedit.artifacts import atomic_path
+
     torch.set_num_threads(threads)
     withheld = np.zeros(len(data["train_y"]), dtype=bool)
     for g in manifest["groups"]:
@@ -226,9 +229,10 @@ def train(data, manifest, work: Path, epochs: int, batch: int, lr: float, seed: 
                     "epoch": epoch + 1}, tmp)
         tmp.replace(ckpt)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    for path in (stage_weights(work, stage), work / "model.safetensors"):
-        save_file(state, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)
+    with atomic_path(stage_weights(work, stage)) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(work / "model.safetensors") as tmp:
+        shutil.copyfile(stage_weights(work, stage), tmp)
     print(f"training done in {time.time() - t0:.0f}s", flush=True)
 
 
