@@ -34,7 +34,9 @@ from .errors import UsageError
 SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 L1_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 L2_STRENGTHS = (1e-2, 1e-1, 1.0, 10.0)
-METHODS = ("hypernet", "random", "gradient", "l1", "l2")
+METHODS = ("hypernet", "random", "gradient", "l1", "l2")  # the default run
+ORACLES = ("bilevel",)  # label-using mask searches, run only when named in --methods
+MASK_METHODS = ("hypernet", "random", "gradient", "bilevel")
 METRICS = ("success", "generalization", "locality", "accuracy_drop")  # per edit; aggregated with a 95% CI
 
 
@@ -55,9 +57,9 @@ class BenchmarkConfig:
     compare_to: Path | None = None    # a published results.json to check this run against
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in METHODS + ORACLES]
         if bad:
-            raise UsageError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+            raise UsageError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS + ORACLES)}")
         if any(k < 1 for k in self.edit_images):
             raise UsageError("--edit-images: each value must be at least 1")
         if self.edits_per_group < 1:
@@ -90,7 +92,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     from .edit import edit
     from .evaluate import TokenCache
     from .hypernet import load_hypernet
-    from .locate import LocateInputs, gradient_locator, random_locator
+    from .locate import LocateInputs, bilevel_locator, gradient_locator, random_locator
     from .masks import UnitScores
     from .models import load_model
     from .pipeline import default_hypernet_for, default_locality_dir, resolve_edit_config
@@ -163,7 +165,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
                 plan.append((g, k, e, rows))
     variants = []
     for m in methods:
-        if m in ("hypernet", "random", "gradient"):
+        if m in MASK_METHODS:
             variants += [(m, "sparsity", s) for s in cfg.sparsities]
         else:
             variants += [(m, "strength", s) for s in (cfg.l1_strengths if m == "l1" else cfg.l2_strengths)]
@@ -184,6 +186,9 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         if "gradient" in methods:
             gs = gradient_locator(LocateInputs(model, sites, x[rows], edit_labels))
             per_image["gradient"] = UnitScores(sites, {p: v.mean(0) for p, v in gs.items()}, "gradient")
+        if "bilevel" in methods:
+            bs = bilevel_locator(LocateInputs(model, sites, x[rows], edit_labels, seed=_seed(cfg.seed, g, k, e, "bilevel")))
+            per_image["bilevel"] = UnitScores(sites, {p: v.mean(0) for p, v in bs.items()}, "bilevel")
         if "random" in methods:
             rs = random_locator(LocateInputs(model, sites, None, None, seed=_seed(cfg.seed, g, k, e, "random")))
             per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")
@@ -207,7 +212,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             progress("benchmark edits", done, total)
 
     summary = aggregate(rows_out)
-    gains = matched_locality(summary) if "hypernet" in methods and set(methods) & set(BASELINES) else []
+    gains = [row for m in ("hypernet",) + ORACLES if m in methods for row in matched_locality(summary, m)]
     result = {
         "model": loaded.name, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
         "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
