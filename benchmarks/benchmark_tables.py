@@ -4,8 +4,9 @@
     python benchmarks/benchmark_tables.py docs/benchmark-results/results.json --hypernet-from other/results.json
 
 ``--hypernet-from`` replaces the hypernet rows with those of another run (for example a run with
-``--methods hypernet --hypernet OTHER``) before computing the tables. This is sound because image
-draws are seeded per group and setting: both runs edited the same images.
+``--methods hypernet --hypernet OTHER``) before computing the tables. ``--add`` takes every method of
+another run (for example ``--methods bilevel``), replacing those rows where both runs have them. This
+is sound because image draws are seeded per group and setting: both runs edited the same images.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitedit.benchmark import aggregate, format_ci, matched_locality
+from vitedit.benchmark import ORACLES, aggregate, format_ci, matched_locality
 
 
 def ci(r: dict, key: str) -> str:
@@ -24,12 +25,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results")
     p.add_argument("--hypernet-from", help="take the hypernet edits from this results.json instead")
+    p.add_argument("--add", action="append", default=[], help="take every method's edits from this results.json "
+                   "(repeatable)")
     args = p.parse_args()
     res = json.load(open(args.results))
     edits = res["edits"]
     if args.hypernet_from:
         other = json.load(open(args.hypernet_from))
         edits = [e for e in edits if e["method"] != "hypernet"] + [e for e in other["edits"] if e["method"] == "hypernet"]
+    for path in args.add:
+        other = json.load(open(path))["edits"]
+        added = {e["method"] for e in other}
+        edits = [e for e in edits if e["method"] not in added] + other
     summary = aggregate(edits)
     for k in res["edit_images"]:
         rows = [r for r in summary if r["group"] == "all" and r["edit_images"] == k]
@@ -51,9 +58,12 @@ def main() -> None:
             r = by[("random", s)]
             print(f"| {s:g} | {ci(h, 'generalization')} vs {ci(r, 'generalization')} | "
                   f"{ci(h, 'locality')} vs {ci(r, 'locality')} | {r['success']:.3f} |")
-    gains = matched_locality(summary)
-    if gains:
-        print("\n**Hypernetwork minus each baseline at matched locality** (generalization points; mean over "
+    for method in ("hypernet",) + ORACLES:
+        gains = matched_locality(summary, method)
+        if not gains:
+            continue
+        name = {"hypernet": "Hypernetwork", "bilevel": "The bilevel oracle"}.get(method, method)
+        print(f"\n**{name} minus each baseline at matched locality** (generalization points; mean over "
               "groups ± 95% CI across groups for the best baseline)\n")
         print("| edit images | sparsity | groups | best baseline | gain vs best | gradient | random | l1 | l2 |")
         print("|---|---|---|---|---|---|---|---|---|")

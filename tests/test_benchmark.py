@@ -140,3 +140,15 @@ def test_compare_skips_overall_rows_when_the_groups_differ(small_run, tmp_path):
     assert c["config_differences"] == ["groups", "methods", "sparsities"]
     assert not c["overall_rows_compared"]
     assert c["rows_matched"] == 0 and c["values_checked"] == 0 and c["edits_matched"] == 0
+
+
+def test_bilevel_oracle_runs_only_when_named_and_gets_its_own_matched_locality_rows(tmp_path):
+    assert "bilevel" not in BenchmarkConfig().methods  # the default run stays the published one
+    res = run_benchmark(BenchmarkConfig(**{**SMALL, "groups": ("coat",), "methods": ("bilevel", "random"),
+                                           "sparsities": (0.05, 0.25), "edits_per_group": 1, "out": tmp_path}),
+                        lambda *a: None)
+    methods = {r["method"] for r in res["summary"]}
+    assert methods == {"bilevel", "random"}
+    assert res["matched_locality"] and {r["method"] for r in res["matched_locality"]} == {"bilevel"}
+    with pytest.raises(UsageError, match="bilevel"):
+        BenchmarkConfig(methods=("oracle",))
