@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import small_vit as make_small_vit
-from vitedit.metatrain import (BatchedEditor, MetaTrainConfig, cutmix, kl_per_sample, label_masks, label_masks_loop,
-                               patch_grid)
+from vitedit.errors import UsageError
+from vitedit.metatrain import (BatchedEditor, MetaTrainConfig, cutmix, global_shift, kl_per_sample, label_masks,
+                               label_masks_loop, patch_grid, pseudo_failures)
 from vitedit.models import find_sites, forward_prefix, make_suffix
 
 
@@ -114,6 +115,35 @@ def test_cutmix_box_is_patch_aligned(small_vit):
         assert int(img[0].sum()) == h * w  # one solid box
 
 
+def test_global_shift_is_seeded_and_the_identity_when_its_ranges_are_empty():
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    same = global_shift(x, torch.Generator().manual_seed(1), max_rotation=0.0, scale=(1.0, 1.0), max_shear=0.0,
+                        max_shift=0.0, contrast=(1.0, 1.0), max_brightness=0.0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=1e-5)
+    a = global_shift(x, torch.Generator().manual_seed(1))
+    b = global_shift(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    per_image_change = (a - x).abs().flatten(1).mean(1)
+    assert bool((per_image_change > 0.05).all())  # every image moves, not just some
+
+
+def test_pseudo_failure_kinds(small_vit):
+    grid, patch = patch_grid(small_vit)
+    base = torch.zeros(32, 3, 32, 32)
+    donor = torch.ones(32, 3, 32, 32)
+    cfg = MetaTrainConfig(box_min=0.25, box_max=0.5)
+    boxes = pseudo_failures("cutmix", base, donor, grid, patch, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, cutmix(base, donor, grid, patch, 0.25, 0.5, torch.Generator().manual_seed(0)))
+    shifted = pseudo_failures("shift", base + torch.arange(32.0)[None, None, :, None], donor, grid, patch, cfg,
+                              torch.Generator().manual_seed(0))
+    assert not bool((shifted == 1).any())  # no donor pixels
+    mixed = pseudo_failures("mix", base, donor, grid, patch, cfg, torch.Generator().manual_seed(0))
+    has_box = mixed.flatten(1).max(1).values == 1
+    assert 0 < int(has_box.sum()) < 32  # some samples got a box, the others a shift
+    with pytest.raises(UsageError, match="--pseudo"):
+        MetaTrainConfig(pseudo="mixup")
+
+
 def test_meta_train_checkpoint_resume_and_artifact(tmp_path, tiny_weights, locality_dir):
     from vitedit.hypernet import load_hypernet
     from vitedit.metatrain import run_meta_train
@@ -142,6 +172,21 @@ def test_meta_train_checkpoint_resume_and_artifact(tmp_path, tiny_weights, local
 
     hist = json.loads((out / "history.json").read_text())
     assert [row[0] for row in hist["rows"]] == [1, 2, 3]
+
+
+def test_meta_train_with_shifted_pseudo_failures_records_the_kind(tmp_path, tiny_weights, locality_dir):
+    from vitedit.hypernet import load_hypernet
+    from vitedit.metatrain import run_meta_train
+    from vitedit.models import load_model
+    from vitedit.pipeline import ModelOptions
+
+    opts = ModelOptions("test_vit", tiny_weights, None, "cpu")
+    cfg = MetaTrainConfig(steps=2, batch=2, inner_steps=1, outer_steps=1, checkpoint_every=1, pseudo="mix")
+    res = run_meta_train(opts, locality_dir, "2,3", cfg, tmp_path / "hn")
+    assert res["steps"] == 2 and res["final_mean_last_50"]["kl_before"] > 0
+    loaded = load_model("test_vit", weights=tiny_weights)
+    _, meta = load_hypernet(tmp_path / "hn" / "hypernet.safetensors", loaded.identity, loaded.sites([2, 3]))
+    assert meta["meta_train_config"]["pseudo"] == "mix"
 
 
 def test_two_rank_ddp_gives_identical_hypernetworks(tmp_path, tiny_weights, locality_dir):

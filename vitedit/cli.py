@@ -359,6 +359,10 @@ def meta_train_cmd(
         help="Weight of a locality term in the outer loss: the KL each pseudo-edit causes on another clean image "
              "of the batch (0: the paper's objective)."),
     hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr"),
+    pseudo: str = typer.Option(
+        "cutmix", "--pseudo",
+        help="Pseudo-failures: cutmix (a donor's patch-aligned box, the paper), shift (a whole-image warp and "
+             "contrast change), or mix (each sample one of the two)."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
     out: Path = typer.Option(Path("hypernet"), "--out", help="Folder for checkpoints and the final hypernet.safetensors."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
@@ -374,7 +378,7 @@ def meta_train_cmd(
     ui = UI(as_json, quiet)
     cfg = MetaTrainConfig(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
                           sparsity_weight=sparsity_weight, locality_weight=locality_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
-                          seed=seed)
+                          pseudo=pseudo, seed=seed)
     with ui.progress() as progress:
         def report(desc: str, done: int, total: int, stats: dict | None = None) -> None:
             info = "" if not stats else (f"KL {stats['kl_before']:.3f}->{stats['kl_after']:.3f}  mask density "

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+PSEUDO_KINDS = ("cutmix", "shift", "mix")
+
+
 @dataclass(frozen=True)
 class MetaTrainConfig:
     steps: int = 2000                 # meta-batches
@@ -61,6 +64,7 @@ class MetaTrainConfig:
     hypernet_depth: int = 3
     box_min: float = 3 / 14           # CutMix box side, as a fraction of the patch grid side
     box_max: float = 8 / 14
+    pseudo: str = "cutmix"            # pseudo-failures: cutmix (the paper), shift (whole-image warp + contrast), mix
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -72,6 +76,8 @@ class MetaTrainConfig:
             raise UsageError("--locality-weight must be >= 0")
         if self.locality_weight > 0 and self.batch < 2:
             raise UsageError("--locality-weight needs --batch >= 2: each pseudo-sample is checked on another's image")
+        if self.pseudo not in PSEUDO_KINDS:
+            raise UsageError(f"--pseudo must be one of {', '.join(PSEUDO_KINDS)}")
         if not 0 < self.box_min <= self.box_max <= 1:
             raise UsageError("CutMix box fractions must satisfy 0 < box_min <= box_max <= 1")
 
@@ -241,6 +247,58 @@ def cutmix(base: "torch.Tensor", donor: "torch.Tensor", grid, patch, box_min: fl
     return out
 
 
+def global_shift(base: "torch.Tensor", gen: "torch.Generator", max_rotation: float = 15.0,
+                 scale: tuple[float, float] = (0.75, 1.3), max_shear: float = 0.25, max_shift: float = 0.1,
+                 contrast: tuple[float, float] = (0.6, 1.4), max_brightness: float = 0.3) -> "torch.Tensor":
+    """A whole-image shift of each image: a random affine warp (rotation, anisotropic scale, shear,
+    translation) and a contrast/brightness change, (B, C, H, W) -> (B, C, H, W).
+
+    A pseudo-failure of another kind than CutMix's pasted box: the object keeps its identity but its
+    shape and tone move, as in a subpopulation the model rarely saw (wider, darker, tilted...).
+    Works on the preprocessed tensor, so on any channel count, size and normalization.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b = base.shape[0]
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, generator=gen)
+
+    rot = torch.deg2rad(u(-max_rotation, max_rotation))
+    sx = torch.exp(u(math.log(scale[0]), math.log(scale[1])))
+    sy = torch.exp(u(math.log(scale[0]), math.log(scale[1])))
+    shear = u(-max_shear, max_shear)
+    tx, ty = u(-max_shift, max_shift), u(-max_shift, max_shift)
+    c, s = torch.cos(rot), torch.sin(rot)
+    # output -> input coordinates: rotate, shear, then undo the scale (content grows by sx, sy)
+    a11, a12 = c / sx, (c * shear - s) / sy
+    a21, a22 = s / sx, (s * shear + c) / sy
+    theta = torch.stack([torch.stack([a11, a12, tx], 1), torch.stack([a21, a22, ty], 1)], 1).to(base)
+    grid = F.affine_grid(theta, list(base.shape), align_corners=False)
+    out = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    std = out.std(dim=(1, 2, 3), keepdim=True)
+    k = u(*contrast).to(base)[:, None, None, None]
+    shift = (u(-max_brightness, max_brightness).to(base))[:, None, None, None] * std
+    return mean + k * (out - mean) + shift
+
+
+def pseudo_failures(kind: str, clean: "torch.Tensor", donor: "torch.Tensor", grid, patch, cfg: "MetaTrainConfig",
+                    gen: "torch.Generator") -> "torch.Tensor":
+    """Pseudo-failures for one meta-batch: CutMix boxes, whole-image shifts, or each sample one of the two."""
+    import torch
+
+    if kind == "cutmix":
+        return cutmix(clean, donor, grid, patch, cfg.box_min, cfg.box_max, gen)
+    if kind == "shift":
+        return global_shift(clean, gen)
+    boxes = cutmix(clean, donor, grid, patch, cfg.box_min, cfg.box_max, gen)
+    shifted = global_shift(clean, gen)
+    pick = (torch.rand(clean.shape[0], generator=gen) < 0.5).to(clean.device)[:, None, None, None]
+    return torch.where(pick, shifted, boxes)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -361,7 +419,7 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     while step < cfg.steps:
         clean = pool.sample(cfg.batch, gen).to(device)
         donor = pool.sample(cfg.batch, gen).to(device)
-        mixed = cutmix(clean, donor, grid, patch, cfg.box_min, cfg.box_max, gen)
+        mixed = pseudo_failures(cfg.pseudo, clean, donor, grid, patch, cfg, gen)
         with torch.no_grad():
             target = torch.softmax(model(clean) / cfg.temperature, dim=-1)           # (B, C)
             tokens = forward_prefix(model, mixed, start)                              # (B, N, D), once per batch
