@@ -134,7 +134,8 @@ def locate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="timm model name (with tag), hf-hub:/local-dir: name. Default: the embedded vitedit/fashion-vit."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file for --model (safetensors or a weights-only torch state dict)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line (when the model has none)."),
-    locator: str = typer.Option("auto", "--locator", help="hypernet, gradient or random; auto = hypernet when one is available, else gradient."),
+    locator: str = typer.Option("auto", "--locator", help="hypernet, gradient, random or bilevel (meta-training's mask search on each failure, with its label); "
+                                 "auto = hypernet when one is available, else gradient."),
     hypernet: Optional[str] = typer.Option(None, "--hypernet", help="Hypernetwork file, registry name or URL."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks whose MLP may be edited, e.g. 7,8,9 or 7-9. Default: 3 blocks ending 2 before the last."),
     holdout: float = typer.Option(0.3, "--holdout", help="Share of the failures kept out of the edit to measure generalization."),
