@@ -13,7 +13,7 @@ import torch
 from conftest import small_vit as make_small_vit
 from vitedit.errors import UsageError
 from vitedit.metatrain import (BatchedEditor, MetaTrainConfig, cutmix, global_shift, kl_per_sample, label_masks,
-                               label_masks_loop, patch_grid, pseudo_failures)
+                               label_masks_loop, patch_grid, pick_partners, pseudo_failures)
 from vitedit.models import find_sites, forward_prefix, make_suffix
 
 
@@ -31,19 +31,20 @@ def _batch(model, b=4, seed=0):
     return mixed, target
 
 
-@pytest.mark.parametrize("locality_weight", [0.0, 1.0])
-def test_vectorized_label_masks_equal_per_sample_loop(small_vit, locality_weight):
+@pytest.mark.parametrize("locality_weight,generalization_weight", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
+def test_vectorized_label_masks_equal_per_sample_loop(small_vit, locality_weight, generalization_weight):
     sites = find_sites(small_vit, [1, 2])
     editor = BatchedEditor(small_vit, sites)
     mixed, target = _batch(small_vit)
     tokens = forward_prefix(small_vit, mixed, 1)
     ref = (tokens.flip(0), target.flip(0)) if locality_weight else None
+    pair = (tokens.roll(1, 0), target.roll(1, 0)) if generalization_weight else None
     cfg = MetaTrainConfig(inner_steps=3, outer_steps=4, inner_lr=0.3, sparsity_weight=0.3,
-                          locality_weight=locality_weight)
+                          locality_weight=locality_weight, generalization_weight=generalization_weight)
     g = torch.Generator().manual_seed(1)
     z = {s.param: torch.rand(4, s.units, generator=g) * 2 - 1 for s in sites}
-    vec, vinfo = label_masks(editor, tokens, target, z, cfg, ref)
-    loop, linfo = label_masks_loop(editor, tokens, target, z, cfg, ref)
+    vec, vinfo = label_masks(editor, tokens, target, z, cfg, ref, pair)
+    loop, linfo = label_masks_loop(editor, tokens, target, z, cfg, ref, pair)
     for p in vec:
         assert vec[p].shape == (4, next(s.units for s in sites if s.param == p))
         torch.testing.assert_close(vec[p], loop[p], atol=1e-4, rtol=0)
@@ -67,6 +68,43 @@ def test_locality_term_changes_masks_and_needs_reference_images(small_vit):
                                                                      sparsity_weight=0.3))
     local, _ = label_masks(editor, tokens, target, z, with_loc, (tokens.flip(0), target.flip(0)))
     assert any((plain[p] - local[p]).abs().max() > 1e-3 for p in plain)
+
+
+def test_generalization_term_changes_masks_and_needs_partner_images(small_vit):
+    sites = find_sites(small_vit, [1, 2])
+    editor = BatchedEditor(small_vit, sites)
+    mixed, target = _batch(small_vit)
+    tokens = forward_prefix(small_vit, mixed, 1)
+    g = torch.Generator().manual_seed(2)
+    z = {s.param: torch.rand(4, s.units, generator=g) * 2 - 1 for s in sites}
+    kw = dict(inner_steps=2, outer_steps=3, inner_lr=0.3, sparsity_weight=0.3)
+    with pytest.raises(ValueError, match="partner images"):
+        label_masks(editor, tokens, target, z, MetaTrainConfig(generalization_weight=2.0, **kw))
+    plain, _ = label_masks(editor, tokens, target, z, MetaTrainConfig(**kw))
+    paired, _ = label_masks(editor, tokens, target, z, MetaTrainConfig(generalization_weight=2.0, **kw),
+                            pair=(tokens.roll(1, 0), target.roll(1, 0)))
+    assert any((plain[p] - paired[p]).abs().max() > 1e-3 for p in plain)
+    with pytest.raises(UsageError, match="generalization-weight"):
+        MetaTrainConfig(generalization_weight=-0.5)
+
+
+def test_partners_share_the_class_and_are_used_once():
+    classes = torch.tensor([3, 3, 1, 7])
+    cand = torch.tensor([1, 3, 5, 3, 3, 0, 2, 2])
+    idx = pick_partners(classes, cand)
+    assert idx.tolist() == [1, 3, 0, 2]  # two 3s, one 1; no 7 among the candidates: the first unused one
+    assert len(set(idx.tolist())) == 4
+
+
+def test_the_corruption_is_replayed_on_partners(small_vit):
+    grid, patch = patch_grid(small_vit)
+    clean = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    donor = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    for kind in ("cutmix", "shift", "mix"):
+        mixed, corrupt = pseudo_failures(kind, clean, donor, grid, patch, MetaTrainConfig(box_min=0.25, box_max=0.5),
+                                         torch.Generator().manual_seed(5))
+        assert torch.equal(corrupt(clean), mixed)  # same corruption, not a new draw
+        assert not torch.equal(corrupt(clean.flip(0)), mixed)
 
 
 def test_locality_weight_is_validated():
@@ -132,12 +170,12 @@ def test_pseudo_failure_kinds(small_vit):
     base = torch.zeros(32, 3, 32, 32)
     donor = torch.ones(32, 3, 32, 32)
     cfg = MetaTrainConfig(box_min=0.25, box_max=0.5)
-    boxes = pseudo_failures("cutmix", base, donor, grid, patch, cfg, torch.Generator().manual_seed(0))
+    boxes, _ = pseudo_failures("cutmix", base, donor, grid, patch, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(boxes, cutmix(base, donor, grid, patch, 0.25, 0.5, torch.Generator().manual_seed(0)))
-    shifted = pseudo_failures("shift", base + torch.arange(32.0)[None, None, :, None], donor, grid, patch, cfg,
+    shifted, _ = pseudo_failures("shift", base + torch.arange(32.0)[None, None, :, None], donor, grid, patch, cfg,
                               torch.Generator().manual_seed(0))
     assert not bool((shifted == 1).any())  # no donor pixels
-    mixed = pseudo_failures("mix", base, donor, grid, patch, cfg, torch.Generator().manual_seed(0))
+    mixed, _ = pseudo_failures("mix", base, donor, grid, patch, cfg, torch.Generator().manual_seed(0))
     has_box = mixed.flatten(1).max(1).values == 1
     assert 0 < int(has_box.sum()) < 32  # some samples got a box, the others a shift
     with pytest.raises(UsageError, match="--pseudo"):
@@ -181,12 +219,14 @@ def test_meta_train_with_shifted_pseudo_failures_records_the_kind(tmp_path, tiny
     from vitedit.pipeline import ModelOptions
 
     opts = ModelOptions("test_vit", tiny_weights, None, "cpu")
-    cfg = MetaTrainConfig(steps=2, batch=2, inner_steps=1, outer_steps=1, checkpoint_every=1, pseudo="mix")
+    cfg = MetaTrainConfig(steps=2, batch=2, inner_steps=1, outer_steps=1, checkpoint_every=1, pseudo="mix",
+                          generalization_weight=1.0)
     res = run_meta_train(opts, locality_dir, "2,3", cfg, tmp_path / "hn")
     assert res["steps"] == 2 and res["final_mean_last_50"]["kl_before"] > 0
     loaded = load_model("test_vit", weights=tiny_weights)
     _, meta = load_hypernet(tmp_path / "hn" / "hypernet.safetensors", loaded.identity, loaded.sites([2, 3]))
     assert meta["meta_train_config"]["pseudo"] == "mix"
+    assert meta["meta_train_config"]["generalization_weight"] == 1.0
 
 
 def test_two_rank_ddp_gives_identical_hypernetworks(tmp_path, tiny_weights, locality_dir):

@@ -359,6 +359,10 @@ def meta_train_cmd(
         0.0, "--locality-weight",
         help="Weight of a locality term in the outer loss: the KL each pseudo-edit causes on another clean image "
              "of the batch (0: the paper's objective)."),
+    generalization_weight: float = typer.Option(
+        0.0, "--generalization-weight",
+        help="Weight of a generalization term in the outer loss: the KL left, after the pseudo-edit, on another image "
+             "of the same predicted class given the same corruption (0: the paper's objective)."),
     hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr"),
     pseudo: str = typer.Option(
         "cutmix", "--pseudo",
@@ -379,7 +383,7 @@ def meta_train_cmd(
     ui = UI(as_json, quiet)
     cfg = MetaTrainConfig(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
                           sparsity_weight=sparsity_weight, locality_weight=locality_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
-                          pseudo=pseudo, seed=seed)
+                          generalization_weight=generalization_weight, pseudo=pseudo, seed=seed)
     with ui.progress() as progress:
         def report(desc: str, done: int, total: int, stats: dict | None = None) -> None:
             info = "" if not stats else (f"KL {stats['kl_before']:.3f}->{stats['kl_after']:.3f}  mask density "

@@ -56,6 +56,7 @@ class MetaTrainConfig:
     outer_lr: float = 0.1
     sparsity_weight: float = 1.0      # lambda on mean(m)
     locality_weight: float = 0.0      # weight of the KL on another clean image (0: the paper's objective)
+    generalization_weight: float = 0.0  # weight of the KL on a same-class image given the same corruption (0: paper)
     temperature: float = 5.0
     mask_sharpness: float = 10.0      # m = sigmoid(10 z) while optimizing
     label_sharpness: float = 3.0      # label mask = sigmoid(3 z)
@@ -74,6 +75,8 @@ class MetaTrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.locality_weight < 0:
             raise UsageError("--locality-weight must be >= 0")
+        if self.generalization_weight < 0:
+            raise UsageError("--generalization-weight must be >= 0")
         if self.locality_weight > 0 and self.batch < 2:
             raise UsageError("--locality-weight needs --batch >= 2: each pseudo-sample is checked on another's image")
         if self.pseudo not in PSEUDO_KINDS:
@@ -152,6 +155,7 @@ def kl_per_sample(logits: "torch.Tensor", target_probs: "torch.Tensor", temperat
 
 def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Tensor", z_init: dict[str, "torch.Tensor"],
                 cfg: MetaTrainConfig, ref: tuple["torch.Tensor", "torch.Tensor"] | None = None,
+                pair: tuple["torch.Tensor", "torch.Tensor"] | None = None,
                 ) -> tuple[dict[str, "torch.Tensor"], dict]:
     """Bi-level optimization of per-sample mask logits, all samples at once.
 
@@ -162,11 +166,19 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
     clean image (tokens (B, N, D) and the unedited model's soft prediction (B, C)); the outer loss
     adds ``locality_weight * KL`` of that image under the sample's edited weights, so the label
     masks prefer units whose edit leaves other images alone.
+
+    With ``cfg.generalization_weight > 0``, ``pair = (pair_tokens, pair_target)`` gives each sample a
+    partner: another image of the same predicted class with the same corruption (tokens of the
+    corrupted partner, the unedited model's soft prediction on the clean one). The pseudo-edit is
+    still made on the sample alone; the outer loss adds ``generalization_weight * KL`` on the partner,
+    so the label masks prefer units whose edit carries over to other images of the same shift.
     """
     import torch
 
     if cfg.locality_weight > 0 and ref is None:
         raise ValueError("locality_weight > 0 needs reference images")
+    if cfg.generalization_weight > 0 and pair is None:
+        raise ValueError("generalization_weight > 0 needs partner images")
     z = {p: t.clone().requires_grad_(True) for p, t in z_init.items()}
     opt = torch.optim.RMSprop(list(z.values()), lr=cfg.outer_lr)
     w0 = editor.expand_base(tokens.shape[0])
@@ -197,6 +209,9 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
         if cfg.locality_weight > 0:
             drift = kl_per_sample(editor.logits(ref[0], w_inner), ref[1], cfg.temperature)
             loss = loss + cfg.locality_weight * drift.sum()
+        if cfg.generalization_weight > 0:
+            carry = kl_per_sample(editor.logits(pair[0], w_inner), pair[1], cfg.temperature)
+            loss = loss + cfg.generalization_weight * carry.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -205,12 +220,15 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
     return masks, {"kl_after": kl_after}
 
 
-def label_masks_loop(editor: BatchedEditor, tokens, target, z_init, cfg: MetaTrainConfig, ref=None):
+def label_masks_loop(editor: BatchedEditor, tokens, target, z_init, cfg: MetaTrainConfig, ref=None, pair=None):
     """The same procedure one sample at a time (reference for tests and the speed benchmark)."""
     import torch
 
+    def row(t, i):
+        return None if t is None else (t[0][i:i + 1], t[1][i:i + 1])
+
     parts = [label_masks(editor, tokens[i:i + 1], target[i:i + 1], {p: t[i:i + 1] for p, t in z_init.items()}, cfg,
-                         None if ref is None else (ref[0][i:i + 1], ref[1][i:i + 1]))
+                         row(ref, i), row(pair, i))
              for i in range(tokens.shape[0])]
     masks = {p: torch.cat([m[p] for m, _ in parts]) for p in z_init}
     return masks, {"kl_after": torch.cat([info["kl_after"] for _, info in parts])}
@@ -227,40 +245,47 @@ def patch_grid(model: "nn.Module") -> tuple[tuple[int, int], tuple[int, int]]:
     return grid, patch
 
 
-def cutmix(base: "torch.Tensor", donor: "torch.Tensor", grid, patch, box_min: float, box_max: float,
-           gen: "torch.Generator") -> "torch.Tensor":
-    """Paste a patch-aligned box of ``donor`` into ``base``: (B, C, H, W) each -> (B, C, H, W)."""
+def draw_boxes(b: int, grid, box_min: float, box_max: float, gen: "torch.Generator") -> list[tuple[int, int, int, int]]:
+    """One patch-aligned box per sample: (top, left, height, width) in patches, sides drawn on the grid."""
     import torch
 
-    out = base.clone()
-    (gh, gw), (ph, pw) = grid, patch
-    for i in range(base.shape[0]):
+    (gh, gw) = grid
+    boxes = []
+    for _ in range(b):
         sides = []
         for g in (gh, gw):
             lo = max(1, round(box_min * g))
             hi = max(lo, min(g, round(box_max * g)))
             sides.append(int(torch.randint(lo, hi + 1, (1,), generator=gen)))
         bh, bw = sides
-        y = int(torch.randint(0, gh - bh + 1, (1,), generator=gen)) * ph
-        x = int(torch.randint(0, gw - bw + 1, (1,), generator=gen)) * pw
-        out[i, :, y:y + bh * ph, x:x + bw * pw] = donor[i, :, y:y + bh * ph, x:x + bw * pw]
+        y = int(torch.randint(0, gh - bh + 1, (1,), generator=gen))
+        x = int(torch.randint(0, gw - bw + 1, (1,), generator=gen))
+        boxes.append((y, x, bh, bw))
+    return boxes
+
+
+def paste_boxes(base: "torch.Tensor", donor: "torch.Tensor", boxes, patch) -> "torch.Tensor":
+    """``base`` with each sample's box (in patches) replaced by the same region of ``donor``."""
+    out = base.clone()
+    ph, pw = patch
+    for i, (y, x, bh, bw) in enumerate(boxes):
+        ys, xs = slice(y * ph, (y + bh) * ph), slice(x * pw, (x + bw) * pw)
+        out[i, :, ys, xs] = donor[i, :, ys, xs]
     return out
 
 
-def global_shift(base: "torch.Tensor", gen: "torch.Generator", max_rotation: float = 15.0,
-                 scale: tuple[float, float] = (0.75, 1.3), max_shear: float = 0.25, max_shift: float = 0.1,
-                 contrast: tuple[float, float] = (0.6, 1.4), max_brightness: float = 0.3) -> "torch.Tensor":
-    """A whole-image shift of each image: a random affine warp (rotation, anisotropic scale, shear,
-    translation) and a contrast/brightness change, (B, C, H, W) -> (B, C, H, W).
+def cutmix(base: "torch.Tensor", donor: "torch.Tensor", grid, patch, box_min: float, box_max: float,
+           gen: "torch.Generator") -> "torch.Tensor":
+    """Paste a patch-aligned box of ``donor`` into ``base``: (B, C, H, W) each -> (B, C, H, W)."""
+    return paste_boxes(base, donor, draw_boxes(base.shape[0], grid, box_min, box_max, gen), patch)
 
-    A pseudo-failure of another kind than CutMix's pasted box: the object keeps its identity but its
-    shape and tone move, as in a subpopulation the model rarely saw (wider, darker, tilted...).
-    Works on the preprocessed tensor, so on any channel count, size and normalization.
-    """
+
+def draw_shift(b: int, gen: "torch.Generator", max_rotation: float = 15.0, scale: tuple[float, float] = (0.75, 1.3),
+               max_shear: float = 0.25, max_shift: float = 0.1, contrast: tuple[float, float] = (0.6, 1.4),
+               max_brightness: float = 0.3) -> dict[str, "torch.Tensor"]:
+    """Random whole-image shift parameters per sample: an affine ``theta`` (B, 2, 3) mapping output to
+    input coordinates (rotation, anisotropic scale, shear, translation), ``contrast`` and ``brightness`` (B,)."""
     import torch
-    import torch.nn.functional as F
-
-    b = base.shape[0]
 
     def u(lo, hi):
         return lo + (hi - lo) * torch.rand(b, generator=gen)
@@ -271,35 +296,82 @@ def global_shift(base: "torch.Tensor", gen: "torch.Generator", max_rotation: flo
     shear = u(-max_shear, max_shear)
     tx, ty = u(-max_shift, max_shift), u(-max_shift, max_shift)
     c, s = torch.cos(rot), torch.sin(rot)
-    # output -> input coordinates: rotate, shear, then undo the scale (content grows by sx, sy)
+    # rotate, shear, then undo the scale (content grows by sx, sy)
     a11, a12 = c / sx, (c * shear - s) / sy
     a21, a22 = s / sx, (s * shear + c) / sy
-    theta = torch.stack([torch.stack([a11, a12, tx], 1), torch.stack([a21, a22, ty], 1)], 1).to(base)
-    grid = F.affine_grid(theta, list(base.shape), align_corners=False)
-    out = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    theta = torch.stack([torch.stack([a11, a12, tx], 1), torch.stack([a21, a22, ty], 1)], 1)
+    return {"theta": theta, "contrast": u(*contrast), "brightness": u(-max_brightness, max_brightness)}
+
+
+def apply_shift(x: "torch.Tensor", params: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """Warp each image by its ``theta``, then scale its contrast about its mean and move its brightness by
+    ``brightness`` of its standard deviation. Works on preprocessed tensors of any channels, size, normalization."""
+    import torch.nn.functional as F
+
+    grid = F.affine_grid(params["theta"].to(x), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     std = out.std(dim=(1, 2, 3), keepdim=True)
-    k = u(*contrast).to(base)[:, None, None, None]
-    shift = (u(-max_brightness, max_brightness).to(base))[:, None, None, None] * std
-    return mean + k * (out - mean) + shift
+    k = params["contrast"].to(x)[:, None, None, None]
+    return mean + k * (out - mean) + params["brightness"].to(x)[:, None, None, None] * std
+
+
+def global_shift(base: "torch.Tensor", gen: "torch.Generator", **ranges) -> "torch.Tensor":
+    """A whole-image shift of each image: a random affine warp (rotation, anisotropic scale, shear,
+    translation) and a contrast/brightness change, (B, C, H, W) -> (B, C, H, W); ``ranges`` as ``draw_shift``.
+
+    A pseudo-failure of another kind than CutMix's pasted box: the object keeps its identity but its
+    shape and tone move, as in a subpopulation the model rarely saw (wider, darker, tilted...).
+    """
+    return apply_shift(base, draw_shift(base.shape[0], gen, **ranges))
 
 
 def pseudo_failures(kind: str, clean: "torch.Tensor", donor: "torch.Tensor", grid, patch, cfg: "MetaTrainConfig",
-                    gen: "torch.Generator") -> "torch.Tensor":
-    """Pseudo-failures for one meta-batch: CutMix boxes, whole-image shifts, or each sample one of the two."""
+                    gen: "torch.Generator") -> tuple["torch.Tensor", Callable[["torch.Tensor"], "torch.Tensor"]]:
+    """Pseudo-failures for one meta-batch: CutMix boxes, whole-image shifts, or each sample one of the two.
+
+    Returns the corrupted images and a function that gives other images (B, C, H, W) *the same*
+    corruption, sample by sample (the same donor box, or the same warp and tone change).
+    """
     import torch
 
-    if kind == "cutmix":
-        return cutmix(clean, donor, grid, patch, cfg.box_min, cfg.box_max, gen)
-    if kind == "shift":
-        return global_shift(clean, gen)
-    boxes = cutmix(clean, donor, grid, patch, cfg.box_min, cfg.box_max, gen)
-    shifted = global_shift(clean, gen)
-    pick = (torch.rand(clean.shape[0], generator=gen) < 0.5).to(clean.device)[:, None, None, None]
-    return torch.where(pick, shifted, boxes)
+    boxes = params = pick = None
+    if kind in ("cutmix", "mix"):
+        boxes = draw_boxes(clean.shape[0], grid, cfg.box_min, cfg.box_max, gen)
+    if kind in ("shift", "mix"):
+        params = draw_shift(clean.shape[0], gen)
+    if kind == "mix":
+        pick = (torch.rand(clean.shape[0], generator=gen) < 0.5).to(clean.device)[:, None, None, None]
+
+    def corrupt(x: "torch.Tensor") -> "torch.Tensor":
+        if kind == "cutmix":
+            return paste_boxes(x, donor, boxes, patch)
+        if kind == "shift":
+            return apply_shift(x, params)
+        return torch.where(pick, apply_shift(x, params), paste_boxes(x, donor, boxes, patch))
+
+    return corrupt(clean), corrupt
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+PARTNER_CANDIDATES = 4  # images drawn per sample to find a partner of the same predicted class
+
+
+def pick_partners(classes: "torch.Tensor", cand_classes: "torch.Tensor") -> "torch.Tensor":
+    """For each sample, the first candidate of its class, taking each candidate at most once; a sample
+    with none left gets the first unused candidate. (B,), (M,) class indices -> (B,) candidate indices."""
+    import torch
+
+    used = torch.zeros(len(cand_classes), dtype=torch.bool)
+    out = []
+    for c in classes.tolist():
+        same = ((cand_classes.cpu() == c) & ~used).nonzero().flatten()
+        j = int(same[0]) if len(same) else int((~used).nonzero().flatten()[0])
+        used[j] = True
+        out.append(j)
+    return torch.tensor(out, dtype=torch.long, device=cand_classes.device)
 
 
 class ImagePool:
@@ -419,7 +491,7 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     while step < cfg.steps:
         clean = pool.sample(cfg.batch, gen).to(device)
         donor = pool.sample(cfg.batch, gen).to(device)
-        mixed = pseudo_failures(cfg.pseudo, clean, donor, grid, patch, cfg, gen)
+        mixed, corrupt = pseudo_failures(cfg.pseudo, clean, donor, grid, patch, cfg, gen)
         with torch.no_grad():
             target = torch.softmax(model(clean) / cfg.temperature, dim=-1)           # (B, C)
             tokens = forward_prefix(model, mixed, start)                              # (B, N, D), once per batch
@@ -430,7 +502,15 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
         if cfg.locality_weight > 0:  # each sample's unrelated image: the next sample's clean image
             with torch.no_grad():
                 ref = (forward_prefix(model, clean, start).roll(-1, 0), target.roll(-1, 0))
-        masks, info = label_masks(editor, tokens, target, z_init, cfg, ref)
+        pair = None
+        if cfg.generalization_weight > 0:  # each sample's partner: a same-class image, corrupted the same way
+            with torch.no_grad():
+                cand = pool.sample(cfg.batch * PARTNER_CANDIDATES, gen).to(device)
+                cand_pred = model(cand).argmax(-1)
+                idx = pick_partners(target.argmax(-1), cand_pred)
+                pair = (forward_prefix(model, corrupt(cand[idx]), start),
+                        torch.softmax(model(cand[idx]) / cfg.temperature, dim=-1))
+        masks, info = label_masks(editor, tokens, target, z_init, cfg, ref, pair)
         label = torch.cat([masks[s.param] for s in sites], dim=1)                     # (B, units total)
         for _ in range(cfg.hypernet_steps):
             logits = torch.cat(train_net(feats, logits=True), dim=1)                 # (B, units total)
