@@ -47,17 +47,21 @@ def main() -> None:
         for r in rows:
             print(f"| {r['method']} | {r['knob']} {r['setting']:g} | {ci(r, 'success')} | {ci(r, 'generalization')} | "
                   f"{ci(r, 'locality')} | {ci(r, 'accuracy_drop')} |")
-    for k in res["edit_images"]:
-        by = {(r["method"], r["setting"]): r for r in summary if r["group"] == "all" and r["edit_images"] == k}
-        print(f"\n**Hypernetwork vs random masks at the same sparsity, edits from {k} image(s)**\n")
-        print("| sparsity | generalization: hypernet vs random | locality: hypernet vs random | success: random |")
-        print("|---|---|---|---|")
-        for (m, s), h in sorted(by.items()):
-            if m != "hypernet" or ("random", s) not in by:
-                continue
-            r = by[("random", s)]
-            print(f"| {s:g} | {ci(h, 'generalization')} vs {ci(r, 'generalization')} | "
-                  f"{ci(h, 'locality')} vs {ci(r, 'locality')} | {r['success']:.3f} |")
+    methods = {e["method"] for e in edits}
+    for other, name in (("random", "random masks"), ("bilevel", "the bilevel oracle")):
+        if other not in methods:
+            continue
+        for k in res["edit_images"]:
+            by = {(r["method"], r["setting"]): r for r in summary if r["group"] == "all" and r["edit_images"] == k}
+            print(f"\n**Hypernetwork vs {name} at the same sparsity, edits from {k} image(s)**\n")
+            print(f"| sparsity | generalization: hypernet vs {other} | locality: hypernet vs {other} | success: {other} |")
+            print("|---|---|---|---|")
+            for (m, s), h in sorted(by.items()):
+                if m != "hypernet" or (other, s) not in by:
+                    continue
+                r = by[(other, s)]
+                print(f"| {s:g} | {ci(h, 'generalization')} vs {ci(r, 'generalization')} | "
+                      f"{ci(h, 'locality')} vs {ci(r, 'locality')} | {r['success']:.3f} |")
     for method in ("hypernet",) + ORACLES:
         gains = matched_locality(summary, method)
         if not gains:
