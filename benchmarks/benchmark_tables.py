@@ -66,7 +66,8 @@ def main() -> None:
         gains = matched_locality(summary, method)
         if not gains:
             continue
-        name = {"hypernet": "Hypernetwork", "bilevel": "The bilevel oracle"}.get(method, method)
+        name = {"hypernet": "Hypernetwork", "bilevel": "The bilevel oracle",
+                "group-gradient": "The group-gradient upper bound"}.get(method, method)
         print(f"\n**{name} minus each baseline at matched locality** (generalization points; mean over "
               "groups ± 95% CI across groups for the best baseline)\n")
         print("| edit images | sparsity | groups | best baseline | gain vs best | gradient | random | l1 | l2 |")

@@ -152,3 +152,13 @@ def test_bilevel_oracle_runs_only_when_named_and_gets_its_own_matched_locality_r
     assert res["matched_locality"] and {r["method"] for r in res["matched_locality"]} == {"bilevel"}
     with pytest.raises(UsageError, match="bilevel"):
         BenchmarkConfig(methods=("oracle",))
+
+
+def test_group_gradient_upper_bound_runs_only_when_named(tmp_path):
+    res = run_benchmark(BenchmarkConfig(**{**SMALL, "groups": ("coat",), "methods": ("group-gradient",),
+                                           "sparsities": (0.05,), "edit_images": (1, 3), "out": tmp_path}),
+                        lambda *a: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {e["method"] for e in saved["edits"]} == {"group-gradient"}
+    assert all(e["success"] is not None and 0 <= e["generalization"] <= 1 for e in saved["edits"])
+    assert "group-gradient" not in BenchmarkConfig().methods

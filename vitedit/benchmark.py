@@ -35,8 +35,12 @@ SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 L1_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 L2_STRENGTHS = (1e-2, 1e-1, 1.0, 10.0)
 METHODS = ("hypernet", "random", "gradient", "l1", "l2")  # the default run
-ORACLES = ("bilevel",)  # label-using mask searches, run only when named in --methods
-MASK_METHODS = ("hypernet", "random", "gradient", "bilevel")
+# Diagnostics, run only when named in --methods: ``bilevel`` is meta-training's mask search on the edit
+# images with their labels (what the hypernetwork imitates); ``group-gradient`` is gradient masks from
+# *every* failure of the group, held-out ones included (an upper bound on what knowing the
+# subpopulation can give a mask: it sees the images it is scored on, so it is not a method).
+ORACLES = ("bilevel", "group-gradient")
+MASK_METHODS = ("hypernet", "random", "gradient") + ORACLES
 METRICS = ("success", "generalization", "locality", "accuracy_drop")  # per edit; aggregated with a 95% CI
 
 
@@ -149,6 +153,12 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             with torch.no_grad():  # the hypernetwork's input, from the cached prefix: (N, T, D) -> (N, D)
                 feats = cache.suffix(cache.tokens, pre_logits=True)
         group_data[g] = (x, y, cache, feats)
+    group_scores = {}
+    if "group-gradient" in methods:
+        for g in groups:
+            x, y = group_data[g][:2]
+            gs = gradient_locator(LocateInputs(model, sites, x, y))
+            group_scores[g] = UnitScores(sites, {p: v.mean(0) for p, v in gs.items()}, "group-gradient")
     progress("caching", 3, 3)
 
     edit_cfg = resolve_edit_config(loaded, {"lr": cfg.lr, "max_steps": cfg.max_steps})
@@ -189,6 +199,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         if "bilevel" in methods:
             bs = bilevel_locator(LocateInputs(model, sites, x[rows], edit_labels, seed=_seed(cfg.seed, g, k, e, "bilevel")))
             per_image["bilevel"] = UnitScores(sites, {p: v.mean(0) for p, v in bs.items()}, "bilevel")
+        if "group-gradient" in methods:
+            per_image["group-gradient"] = group_scores[g]
         if "random" in methods:
             rs = random_locator(LocateInputs(model, sites, None, None, seed=_seed(cfg.seed, g, k, e, "random")))
             per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")

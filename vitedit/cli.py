@@ -465,8 +465,9 @@ def benchmark(
     groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated bundled groups (default: all)."),
     methods: str = typer.Option(
         "hypernet,random,gradient,l1,l2", "--methods",
-        help="Any of hypernet, random, gradient, l1, l2, and bilevel (the hypernetwork's training target computed on "
-             "each failure with its true label: an oracle, not run by default)."),
+        help="Any of hypernet, random, gradient, l1, l2, and two diagnostics not run by default: bilevel (the "
+             "hypernetwork's training target computed on the edit images with their labels) and group-gradient "
+             "(gradient masks from every failure of the group, held-out ones included: an upper bound)."),
     edit_images: str = typer.Option("1,3", "--edit-images", help="Images per edit (1 = the paper's protocol)."),
     sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities"),
     edits_per_group: int = typer.Option(5, "--edits-per-group", help="Edits per group and setting."),
