@@ -54,23 +54,9 @@ def test_vectorized_label_masks_equal_per_sample_loop(small_vit, locality_weight
     assert any((vec[p] - start[p]).abs().max() > 0.05 for p in vec)
 
 
-def test_locality_term_changes_masks_and_needs_reference_images(small_vit):
-    sites = find_sites(small_vit, [1, 2])
-    editor = BatchedEditor(small_vit, sites)
-    mixed, target = _batch(small_vit)
-    tokens = forward_prefix(small_vit, mixed, 1)
-    g = torch.Generator().manual_seed(2)
-    z = {s.param: torch.rand(4, s.units, generator=g) * 2 - 1 for s in sites}
-    with_loc = MetaTrainConfig(inner_steps=2, outer_steps=3, inner_lr=0.3, sparsity_weight=0.3, locality_weight=5.0)
-    with pytest.raises(ValueError, match="reference images"):
-        label_masks(editor, tokens, target, z, with_loc)
-    plain, _ = label_masks(editor, tokens, target, z, MetaTrainConfig(inner_steps=2, outer_steps=3, inner_lr=0.3,
-                                                                     sparsity_weight=0.3))
-    local, _ = label_masks(editor, tokens, target, z, with_loc, (tokens.flip(0), target.flip(0)))
-    assert any((plain[p] - local[p]).abs().max() > 1e-3 for p in plain)
-
-
-def test_generalization_term_changes_masks_and_needs_partner_images(small_vit):
+@pytest.mark.parametrize("term,arg,needs", [("locality_weight", "ref", "reference images"),
+                                             ("generalization_weight", "pair", "partner images")])
+def test_outer_loss_terms_change_masks_and_need_their_images(small_vit, term, arg, needs):
     sites = find_sites(small_vit, [1, 2])
     editor = BatchedEditor(small_vit, sites)
     mixed, target = _batch(small_vit)
@@ -78,14 +64,14 @@ def test_generalization_term_changes_masks_and_needs_partner_images(small_vit):
     g = torch.Generator().manual_seed(2)
     z = {s.param: torch.rand(4, s.units, generator=g) * 2 - 1 for s in sites}
     kw = dict(inner_steps=2, outer_steps=3, inner_lr=0.3, sparsity_weight=0.3)
-    with pytest.raises(ValueError, match="partner images"):
-        label_masks(editor, tokens, target, z, MetaTrainConfig(generalization_weight=2.0, **kw))
+    with_term = MetaTrainConfig(**{term: 5.0}, **kw)
+    with pytest.raises(ValueError, match=needs):
+        label_masks(editor, tokens, target, z, with_term)
     plain, _ = label_masks(editor, tokens, target, z, MetaTrainConfig(**kw))
-    paired, _ = label_masks(editor, tokens, target, z, MetaTrainConfig(generalization_weight=2.0, **kw),
-                            pair=(tokens.roll(1, 0), target.roll(1, 0)))
-    assert any((plain[p] - paired[p]).abs().max() > 1e-3 for p in plain)
-    with pytest.raises(UsageError, match="generalization-weight"):
-        MetaTrainConfig(generalization_weight=-0.5)
+    other, _ = label_masks(editor, tokens, target, z, with_term, **{arg: (tokens.roll(1, 0), target.roll(1, 0))})
+    assert any((plain[p] - other[p]).abs().max() > 1e-3 for p in plain)
+    with pytest.raises(UsageError, match=term.replace("_", "-")):
+        MetaTrainConfig(**{term: -0.5})
 
 
 def test_partners_share_the_class_and_are_used_once():
