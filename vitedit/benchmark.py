@@ -7,7 +7,9 @@ reproduces the matching rows of a full run). Every method edits the same images:
 
 - ``hypernet`` / ``gradient`` / ``random``: masks at each sparsity (fraction of units edited);
 - ``l1`` / ``l2``: dense fine-tuning of the same matrices with an L1 / L2 penalty toward the original
-  weights, strength swept.
+  weights, strength swept;
+- diagnostics, only when named: ``bilevel`` (meta-training's mask search on the edit images with
+  their labels) and ``group-gradient`` (gradient masks from the whole group: an upper bound).
 
 Per edit: **success** (edit images now correct), **generalization** (the group's *other* failures
 now correct), **locality** (share of the bundled sensitive set whose top-1 is unchanged) and

@@ -501,7 +501,8 @@ def benchmark(
                  [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], *(format_ci(r, m) for m in METRICS)]
                   for r in rows])
     if res.get("matched_locality"):
-        ui.table("Learned masks minus the best baseline at the same locality, mean over groups +/- 95% CI",
+        ui.table("Hypernetwork (and any diagnostic run) minus the best baseline at the same locality, "
+                 "mean over groups +/- 95% CI",
                  ["method", "edit images", "sparsity", "best baseline", "groups", "gain", "gain vs each baseline"],
                  [[r["method"], r["edit_images"], f"{r['setting']:g}", r["best_baseline"], r["groups"], format_ci(r, "gain"),
                    ", ".join(f"{b} {g:+.3f}" for b, g in r["gain_by_baseline"].items())]
