@@ -5,12 +5,16 @@ For each meta-batch of ``batch`` pseudo-samples:
 1. **CutMix pseudo-failure.** A patch-aligned box (side lengths drawn on the model's own patch grid)
    from a donor image is pasted into a base image. The target is the frozen model's soft prediction
    on the clean base image at temperature T; the pseudo-edit must make the mixed image look clean:
-   ``T^2 KL(softmax(f(clean)/T) || softmax(f_edit(mixed)/T))``.
+   ``T^2 KL(softmax(f(clean)/T) || softmax(f_edit(mixed)/T))``. Options beyond the paper:
+   ``pseudo="shift"`` (a whole-image warp and tone change instead of a box) or ``"mix"``.
 2. **Label masks by first-order bi-level optimization.** Free logits ``z ~ U(-1, 1)`` per unit and
    sample; for ``outer_steps`` steps (RMSprop): ``m = sigmoid(10 z)``; ``inner_steps`` steps of
    soft-masked SGD ``w <- w - inner_lr * m * grad`` from the pretrained weights; outer loss
    ``KL(w_inner) + lambda * mean(m)``, differentiated through ``m`` only (the inner gradients are
-   constants: first order). The label mask is ``sigmoid(3 z)``, detached.
+   constants: first order). The label mask is ``sigmoid(3 z)``, detached. Optional outer-loss terms
+   (both 0 by default, the paper's objective): ``locality_weight`` (the KL the pseudo-edit causes on
+   another clean image) and ``generalization_weight`` (the KL it leaves on a same-class image given
+   the same corruption).
 3. **Fit the hypernetwork** to the label masks with BCE (RMSprop, cosine schedule), fed the final
    [CLS] feature of the *mixed* image (what it will see for a real failure).
 
