@@ -388,3 +388,21 @@ def test_atomic_writes_leave_nothing_behind_and_use_normal_permissions(tmp_path)
     mask = os.umask(0)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_progress_in_a_log_reports_long_tasks_by_tenths_and_quick_ones_not_at_all(monkeypatch, capsys):
+    import vitedit.cli as cli_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(cli_mod.time, "monotonic", lambda: clock[0])
+    ui = cli_mod.UI(False, False)
+    update = ui._log_progress(after=30.0)
+    update("quick", 0, 5)
+    update("quick", 5, 5)  # done before 30 s: silent
+    for done in range(0, 101):
+        clock[0] = done * 1.0  # one item per second
+        update("slow", done, 100)
+    lines = capsys.readouterr().err.splitlines()
+    assert not any(line.startswith("quick") for line in lines)
+    assert lines[0] == "slow: 30/100 (30s)" and lines[-1] == "slow: 100/100 (100s)"
+    assert len(lines) == 8  # tenths 3..10, once each

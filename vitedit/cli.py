@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -42,6 +43,9 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Continue without unreadable images (they are listed).")
 
 
+LOG_PROGRESS_AFTER = 30.0  # seconds a task runs before it reports progress in a log (stderr not a terminal)
+
+
 class UI:
     """Output for one command: tables or JSON on stdout, progress and notes on stderr."""
 
@@ -54,10 +58,13 @@ class UI:
 
     @contextmanager
     def progress(self) -> Iterator:
-        """Yield a ``progress(description, done, total)`` callback backed by a rich progress bar."""
-        show = not (self.as_json or self.quiet) and self.err.is_terminal
-        if not show:
+        """Yield a ``progress(description, done, total)`` callback: a rich progress bar on a terminal;
+        otherwise (a log file, a pipe) plain lines for the tasks that run long (``_log_progress``)."""
+        if self.as_json or self.quiet:
             yield lambda *_args, **_kw: None
+            return
+        if not self.err.is_terminal:
+            yield self._log_progress()
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -70,6 +77,23 @@ class UI:
                 bar.update(tasks[desc], completed=done, total=total, info=info)
 
             yield update
+
+    def _log_progress(self, after: float = LOG_PROGRESS_AFTER) -> Callable[..., None]:
+        """Plain progress lines for a log: a task that has run for ``after`` seconds reports at every
+        tenth of its total. Quick steps (and quick failures, whose stderr is one error line) print nothing."""
+        started: dict[str, float] = {}
+        shown: dict[str, int] = {}
+
+        def update(desc: str, done: int, total: int, info: str = "") -> None:
+            elapsed = time.monotonic() - started.setdefault(desc, time.monotonic())
+            tenth = 10 if total <= 0 else min(10, 10 * done // total)
+            if elapsed < after or tenth <= shown.get(desc, -1):
+                return
+            shown[desc] = tenth
+            line = f"{desc}: {done}/{total} ({elapsed:.0f}s)" + (f" {info}" if info else "")
+            self.err.print(line, highlight=False, markup=False, soft_wrap=True)
+
+        return update
 
     def note(self, text: str) -> None:
         if not self.as_json:
