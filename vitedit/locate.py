@@ -10,8 +10,8 @@ and register by name in ``LOCATORS`` (duplicates raise):
 - ``random``: seeded uniform scores (a control with no information; the paper's random baseline);
 - ``bilevel``: the hypernetwork's own training target computed directly on each failure: the
   bi-level mask optimization of meta-training (``vitedit.metatrain.label_masks``), with the
-  cross-entropy toward the true label in place of the pseudo-failure's KL. It needs labels and a few
-  dozen backward passes per image; the benchmark uses it as an oracle for what the hypernetwork
+  cross-entropy toward the true label in place of the pseudo-failure's KL. It needs labels and about
+  20 backward passes per image; the benchmark uses it as an oracle for what the hypernetwork
   imitates.
 
 Per-image scores are kept so that any split of the failures into edit and held-out images can be
@@ -105,7 +105,7 @@ def gradient_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
     return {p: torch.stack(v).cpu() for p, v in out.items()}
 
 
-# The bi-level search of the shipped meta-training recipe (docs/default-model.md), on cross-entropy (T=1).
+# The bi-level search of the shipped meta-training recipe (docs/hypernetwork.md), on cross-entropy (T=1).
 BILEVEL_STEPS = {"outer_steps": 5, "inner_steps": 3, "inner_lr": 0.5, "sparsity_weight": 0.3, "temperature": 1.0}
 BILEVEL_BATCH = 8  # images optimized together (each owns a copy of the edited matrices)
 
