@@ -1,4 +1,4 @@
-"""Tests for vitedit.locate: the locator registry, the three locators' outputs (the gradient one
+"""Tests for vitedit.locate: the locator registry, the locators' outputs (the gradient one
 against a manual autograd computation), and aggregation over the edit images only."""
 
 from __future__ import annotations
