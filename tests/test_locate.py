@@ -174,6 +174,36 @@ def test_hypernet_locator_returns_per_image_scores_in_unit_interval(inputs):
         torch.testing.assert_close(scores[s.param], d, atol=0, rtol=0)
 
 
+def test_hypernet_prior_subtracts_the_weighted_mean_score_and_survives_save_and_load(inputs, tmp_path):
+    from vitedit.hypernet import load_hypernet, save_hypernet
+
+    torch.manual_seed(0)
+    plain = build_hypernet(hypernet_config_for(64, 2, inputs.sites, depth=1)).eval()
+    assert not plain.prior.any()  # zero by default: the paper's scores
+    prior = torch.rand(plain.prior.shape, generator=torch.Generator().manual_seed(3))
+    contrast = build_hypernet(hypernet_config_for(64, 2, inputs.sites, depth=1, prior_weight=0.5)).eval()
+    contrast.load_state_dict({**plain.state_dict(), "prior": prior})
+    feats = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base, shifted = plain(feats), contrast(feats)
+    expected = prior.split([s.units for s in inputs.sites])
+    for b, c, p in zip(base, shifted, expected):
+        torch.testing.assert_close(c, b - 0.5 * p)
+    identity = {"name": "test", "weights_sha256": "0" * 64}
+    save_hypernet(tmp_path / "h.safetensors", contrast, identity)
+    loaded, meta = load_hypernet(tmp_path / "h.safetensors", identity, inputs.sites)
+    assert meta["config"]["prior_weight"] == 0.5 and torch.equal(loaded.prior, prior)
+    # An artifact written before the prior existed (no "prior" tensor) loads with a zero prior.
+    from vitedit.artifacts import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(tmp_path / "h.safetensors", "hypernetwork")
+    meta["config"].pop("prior_weight")
+    save_tensors(tmp_path / "old.safetensors", {k: v for k, v in tensors.items() if k != "prior"},
+                 {k: v for k, v in meta.items() if k not in ("sha256", "vitedit_version")})
+    old, _ = load_hypernet(tmp_path / "old.safetensors", identity, inputs.sites)
+    assert not old.prior.any() and old.config.prior_weight == 0.0
+
+
 def test_hypernet_locator_without_a_hypernet_is_a_usage_error(inputs):
     with pytest.raises(UsageError, match="--hypernet"):
         hypernet_locator(inputs)

@@ -74,6 +74,13 @@ def test_outer_loss_terms_change_masks_and_need_their_images(small_vit, term, ar
         MetaTrainConfig(**{term: -0.5})
 
 
+def test_prior_weight_is_validated():
+    with pytest.raises(UsageError, match="prior-weight"):
+        MetaTrainConfig(prior_weight=1.5)
+    with pytest.raises(UsageError, match="prior-images"):
+        MetaTrainConfig(prior_weight=0.5, prior_images=0)
+
+
 def test_partners_share_the_class_and_are_used_once():
     classes = torch.tensor([3, 3, 1, 7])
     cand = torch.tensor([1, 3, 5, 3, 3, 0, 2, 2])
@@ -206,12 +213,15 @@ def test_meta_train_with_shifted_pseudo_failures_records_the_kind(tmp_path, tiny
 
     opts = ModelOptions("test_vit", tiny_weights, None, "cpu")
     cfg = MetaTrainConfig(steps=2, batch=2, inner_steps=1, outer_steps=1, checkpoint_every=1, pseudo="mix",
-                          generalization_weight=1.0)
+                          generalization_weight=1.0, prior_weight=0.5, prior_images=5)
     res = run_meta_train(opts, locality_dir, "2,3", cfg, tmp_path / "hn")
     assert res["steps"] == 2 and res["final_mean_last_50"]["kl_before"] > 0
     loaded = load_model("test_vit", weights=tiny_weights)
-    _, meta = load_hypernet(tmp_path / "hn" / "hypernet.safetensors", loaded.identity, loaded.sites([2, 3]))
+    net, meta = load_hypernet(tmp_path / "hn" / "hypernet.safetensors", loaded.identity, loaded.sites([2, 3]))
     assert meta["meta_train_config"]["pseudo"] == "mix"
+    # the finished run stores its mean score over clean images: a probability per unit
+    assert meta["config"]["prior_weight"] == 0.5
+    assert float(net.prior.min()) > 0.0 and float(net.prior.max()) < 1.0
     assert meta["meta_train_config"]["generalization_weight"] == 1.0
 
 

@@ -388,6 +388,12 @@ def meta_train_cmd(
         help="Weight of a generalization term in the outer loss: the KL left, after the pseudo-edit, on another image "
              "of the same predicted class given the same corruption (0: the paper's objective)."),
     hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr"),
+    prior_weight: float = typer.Option(
+        0.0, "--prior-weight",
+        help="Score units by how much more they are picked for the failure than for clean images: score minus this "
+             "weight times the unit's mean score over --prior-images training images (0: the paper's score). "
+             "With --resume on a finished run, only the prior is computed."),
+    prior_images: int = typer.Option(2000, "--prior-images"),
     pseudo: str = typer.Option(
         "cutmix", "--pseudo",
         help="Pseudo-failures: cutmix (a donor's patch-aligned box, the paper), shift (a whole-image warp and "
@@ -407,7 +413,8 @@ def meta_train_cmd(
     ui = UI(as_json, quiet)
     cfg = MetaTrainConfig(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
                           sparsity_weight=sparsity_weight, locality_weight=locality_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
-                          generalization_weight=generalization_weight, pseudo=pseudo, seed=seed)
+                          generalization_weight=generalization_weight, pseudo=pseudo, prior_weight=prior_weight,
+                          prior_images=prior_images, seed=seed)
     with ui.progress() as progress:
         def report(desc: str, done: int, total: int, stats: dict | None = None) -> None:
             info = "" if not stats else (f"KL {stats['kl_before']:.3f}->{stats['kl_after']:.3f}  mask density "

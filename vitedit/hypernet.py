@@ -6,6 +6,11 @@ pre-norm transformer blocks (width = the model's width, MLP without expansion) m
 linear head per query maps its token to that matrix's hidden width; ``sigmoid(3 x)`` gives a score
 in (0, 1) per unit. For several failure images the scores are averaged.
 
+Optional prior (``prior_weight > 0``, beyond the paper): ``prior`` holds the mean score of every unit
+over in-distribution images (set by ``vitedit meta-train --prior-weight``). Scores then become
+``score - prior_weight * prior``, so units the hypernetwork picks for *any* image rank lower than
+units it picks for *this* image. The default (0) is the paper's score.
+
 Saved as safetensors + a JSON sidecar recording the base model (name and weight hash), the sites and
 the architecture; loading refuses a hypernetwork made for another model.
 """
@@ -32,6 +37,7 @@ class HyperNetConfig:
     num_heads: int
     depth: int = 3
     sites: tuple[Site, ...] = ()
+    prior_weight: float = 0.0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -41,7 +47,7 @@ class HyperNetConfig:
     @classmethod
     def from_json(cls, d: dict) -> "HyperNetConfig":
         return cls(int(d["width"]), int(d["num_heads"]), int(d["depth"]),
-                   tuple(Site.from_json(s) for s in d["sites"]))
+                   tuple(Site.from_json(s) for s in d["sites"]), float(d.get("prior_weight", 0.0)))
 
 
 def build_hypernet(config: HyperNetConfig) -> "torch.nn.Module":
@@ -59,6 +65,7 @@ def build_hypernet(config: HyperNetConfig) -> "torch.nn.Module":
                                           for _ in range(config.depth)])
             self.norm = nn.LayerNorm(config.width)
             self.heads = nn.ModuleList([nn.Linear(config.width, s.units) for s in config.sites])
+            self.register_buffer("prior", torch.zeros(sum(s.units for s in config.sites)))  # mean score per unit
 
         def logits(self, cls_feature: "torch.Tensor") -> list["torch.Tensor"]:
             """(B, D) -> per site (B, units) pre-sigmoid logits (already scaled by 3)."""
@@ -68,15 +75,28 @@ def build_hypernet(config: HyperNetConfig) -> "torch.nn.Module":
             return [SCORE_SCALE * head(tokens[:, 1 + i]) for i, head in enumerate(self.heads)]
 
         def forward(self, cls_feature: "torch.Tensor", logits: bool = False) -> list["torch.Tensor"]:
-            """(B, D) -> per site (B, units) scores in (0, 1) (or their logits, for a stable BCE)."""
+            """(B, D) -> per site (B, units) scores in (0, 1), less ``prior_weight * prior`` when set
+            (or the raw logits, for a stable BCE)."""
             z = self.logits(cls_feature)
-            return z if logits else [torch.sigmoid(v) for v in z]
+            if logits:
+                return z
+            scores = [torch.sigmoid(v) for v in z]
+            if config.prior_weight:
+                priors = self.prior.split([s.units for s in config.sites])
+                scores = [sc - config.prior_weight * p for sc, p in zip(scores, priors)]
+            return scores
 
     return HyperNet()
 
 
-def hypernet_config_for(width: int, num_heads: int, sites: Sequence[Site], depth: int = 3) -> HyperNetConfig:
-    return HyperNetConfig(width=width, num_heads=num_heads, depth=depth, sites=tuple(sites))
+def hypernet_config_for(width: int, num_heads: int, sites: Sequence[Site], depth: int = 3,
+                        prior_weight: float = 0.0) -> HyperNetConfig:
+    return HyperNetConfig(width=width, num_heads=num_heads, depth=depth, sites=tuple(sites), prior_weight=prior_weight)
+
+
+def with_zero_prior(net: "torch.nn.Module", state: dict) -> dict:
+    """``state`` with a zero ``prior`` added when it has none (artifacts and checkpoints made before the prior)."""
+    return state if "prior" in state else {**state, "prior": net.prior.new_zeros(net.prior.shape)}
 
 
 def save_hypernet(path: Path, net: "torch.nn.Module", model_identity: dict, extra: dict | None = None) -> None:
@@ -99,7 +119,7 @@ def load_hypernet(path: Path, model_identity: dict | None = None, sites: Sequenc
                             f"pass --blocks {','.join(map(str, got))} or meta-train one for these blocks")
     net = build_hypernet(config)
     try:
-        net.load_state_dict(tensors, strict=True)
+        net.load_state_dict(with_zero_prior(net, tensors), strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"hypernetwork {path} does not match its own config ({str(e).splitlines()[0]}); "
                             "re-download or re-train it") from None

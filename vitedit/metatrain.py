@@ -70,6 +70,8 @@ class MetaTrainConfig:
     box_min: float = 3 / 14           # CutMix box side, as a fraction of the patch grid side
     box_max: float = 8 / 14
     pseudo: str = "cutmix"            # pseudo-failures: cutmix (the paper), shift (whole-image warp + contrast), mix
+    prior_weight: float = 0.0         # scores minus this times the mean score over clean images (0: the paper)
+    prior_images: int = 2000          # clean images the mean score is taken over
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -81,6 +83,10 @@ class MetaTrainConfig:
             raise UsageError("--locality-weight must be >= 0")
         if self.generalization_weight < 0:
             raise UsageError("--generalization-weight must be >= 0")
+        if not 0 <= self.prior_weight <= 1:
+            raise UsageError("--prior-weight must be between 0 and 1")
+        if self.prior_images < 1:
+            raise UsageError("--prior-images must be at least 1")
         if self.locality_weight > 0 and self.batch < 2:
             raise UsageError("--locality-weight needs --batch >= 2: each pseudo-sample is checked on another's image")
         if self.pseudo not in PSEUDO_KINDS:
@@ -435,7 +441,7 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     import torch.nn.functional as F
 
     from .artifacts import atomic_path, write_json
-    from .hypernet import build_hypernet, hypernet_config_for, save_hypernet
+    from .hypernet import build_hypernet, hypernet_config_for, save_hypernet, with_zero_prior
 
     rank, world = _dist_info()
     out = Path(out)
@@ -448,7 +454,8 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     pool = ImagePool(data, loaded, progress=(lambda d_, n, t: progress(d_, n, t, {})) if progress and rank == 0 else None)
 
     torch.manual_seed(cfg.seed)  # identical hypernetwork init on every rank
-    net = build_hypernet(hypernet_config_for(loaded.width, loaded.num_heads, sites, cfg.hypernet_depth)).to(device)
+    net = build_hypernet(hypernet_config_for(loaded.width, loaded.num_heads, sites, cfg.hypernet_depth,
+                                             cfg.prior_weight)).to(device)
     train_net = net
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -462,7 +469,7 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     ckpt = out / f"checkpoint-rank{rank}.pt"
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["hypernet"])
+        net.load_state_dict(with_zero_prior(net, state["hypernet"]))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
@@ -474,6 +481,8 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     def write_artifact() -> dict:
         """The hypernetwork as of now (rank 0 writes it), so a run stopped early still leaves one."""
         summary = _summary(history, step, world, pool)
+        if cfg.prior_weight > 0 and step == cfg.steps:  # the finished network's mean score on clean images
+            net.prior.copy_(mean_scores(net, model, base_suffix, start, pool, cfg.prior_images, cfg.seed, device))
         if rank == 0:
             extra = {"sites": [s.to_json() for s in sites], "blocks": sorted({s.block for s in sites}),
                      "widths": {s.param: s.units for s in sites}, "meta_train_config": cfg.to_json(), **summary,
@@ -544,6 +553,23 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     if not summary:  # resumed a run that had already finished
         summary = write_artifact()
     return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
+
+
+def mean_scores(net: "nn.Module", model: "nn.Module", suffix: "nn.Module", start: int, pool: ImagePool, n: int,
+                seed: int, device: str, batch_size: int = 256) -> "torch.Tensor":
+    """The hypernetwork's mean score of every unit over ``n`` clean images drawn from ``pool``: (units total,)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: the training draws stay as they were
+    total, count = None, 0
+    with torch.no_grad():
+        for lo in range(0, n, batch_size):
+            x = pool.sample(min(batch_size, n - lo), gen).to(device)
+            feats = suffix(forward_prefix(model, x, start), pre_logits=True)
+            scores = torch.cat(net(feats, logits=True), dim=1).sigmoid()
+            total = scores.sum(0) if total is None else total + scores.sum(0)
+            count += len(x)
+    return total / count
 
 
 def _summary(history: list[dict], step: int, world: int, pool: "ImagePool") -> dict:
