@@ -99,6 +99,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     from .evaluate import TokenCache
     from .hypernet import load_hypernet
     from .locate import LocateInputs, bilevel_locator, gradient_locator, random_locator
+    from .locate import aggregate as mean_scores
     from .masks import UnitScores
     from .models import load_model
     from .pipeline import default_hypernet_for, default_locality_dir, resolve_edit_config
@@ -159,8 +160,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     if "group-gradient" in methods:
         for g in groups:
             x, y = group_data[g][:2]
-            gs = gradient_locator(LocateInputs(model, sites, x, y))
-            group_scores[g] = UnitScores(sites, {p: v.mean(0) for p, v in gs.items()}, "group-gradient")
+            group_scores[g] = mean_scores(gradient_locator(LocateInputs(model, sites, x, y)), sites, None,
+                                          "group-gradient")
     progress("caching", 3, 3)
 
     edit_cfg = resolve_edit_config(loaded, {"lr": cfg.lr, "max_steps": cfg.max_steps})
@@ -197,10 +198,10 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             per_image["hypernet"] = UnitScores(sites, {s.param: sc.mean(0) for s, sc in zip(sites, scores)}, "hypernet")
         if "gradient" in methods:
             gs = gradient_locator(LocateInputs(model, sites, x[rows], edit_labels))
-            per_image["gradient"] = UnitScores(sites, {p: v.mean(0) for p, v in gs.items()}, "gradient")
+            per_image["gradient"] = mean_scores(gs, sites, None, "gradient")
         if "bilevel" in methods:
             bs = bilevel_locator(LocateInputs(model, sites, x[rows], edit_labels, seed=_seed(cfg.seed, g, k, e, "bilevel")))
-            per_image["bilevel"] = UnitScores(sites, {p: v.mean(0) for p, v in bs.items()}, "bilevel")
+            per_image["bilevel"] = mean_scores(bs, sites, None, "bilevel")
         if "group-gradient" in methods:
             per_image["group-gradient"] = group_scores[g]
         if "random" in methods:

@@ -126,10 +126,9 @@ def bilevel_locator(inputs: LocateInputs) -> dict[str, "torch.Tensor"]:
     for lo in range(0, n, BILEVEL_BATCH):
         with torch.no_grad():
             tokens = forward_prefix(inputs.model, inputs.images[lo:lo + BILEVEL_BATCH], start)
-            logits = editor.logits(tokens, editor.expand_base(len(tokens)))
-        target = torch.nn.functional.one_hot(inputs.labels[lo:lo + BILEVEL_BATCH].to(logits.device),
-                                             logits.shape[-1]).to(logits.dtype)
-        z0 = {p: z[lo:lo + BILEVEL_BATCH].to(logits.device) for p, z in z_all.items()}
+        target = torch.nn.functional.one_hot(inputs.labels[lo:lo + BILEVEL_BATCH].to(tokens.device),
+                                             inputs.model.num_classes).to(tokens.dtype)
+        z0 = {p: z[lo:lo + BILEVEL_BATCH].to(tokens.device) for p, z in z_all.items()}
         with torch.enable_grad():
             masks, _ = label_masks(editor, tokens, target, z0, cfg)
         for p, m in masks.items():

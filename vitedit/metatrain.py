@@ -185,10 +185,12 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
     """
     import torch
 
-    if cfg.locality_weight > 0 and ref is None:
-        raise ValueError("locality_weight > 0 needs reference images")
-    if cfg.generalization_weight > 0 and pair is None:
-        raise ValueError("generalization_weight > 0 needs partner images")
+    # Extra outer-loss terms: the KL each sample's pseudo-edit causes on other images, weighted.
+    extra = [("locality_weight", ref, "reference"), ("generalization_weight", pair, "partner")]
+    for name, images, what in extra:
+        if getattr(cfg, name) > 0 and images is None:
+            raise ValueError(f"{name} > 0 needs {what} images")
+    extra = [(getattr(cfg, name), images) for name, images, _ in extra if getattr(cfg, name) > 0]
     z = {p: t.clone().requires_grad_(True) for p, t in z_init.items()}
     opt = torch.optim.RMSprop(list(z.values()), lr=cfg.outer_lr)
     w0 = editor.expand_base(tokens.shape[0])
@@ -216,12 +218,9 @@ def label_masks(editor: BatchedEditor, tokens: "torch.Tensor", target: "torch.Te
         kl_s = kl_per_sample(editor.logits(tokens, w_inner), target, cfg.temperature)  # (B,)
         density = torch.cat([v for v in m.values()], dim=1).mean(1)  # (B,)
         loss = (kl_s + cfg.sparsity_weight * density).sum()
-        if cfg.locality_weight > 0:
-            drift = kl_per_sample(editor.logits(ref[0], w_inner), ref[1], cfg.temperature)
-            loss = loss + cfg.locality_weight * drift.sum()
-        if cfg.generalization_weight > 0:
-            carry = kl_per_sample(editor.logits(pair[0], w_inner), pair[1], cfg.temperature)
-            loss = loss + cfg.generalization_weight * carry.sum()
+        for weight, (other_tokens, other_target) in extra:
+            loss = loss + weight * kl_per_sample(editor.logits(other_tokens, w_inner), other_target,
+                                                 cfg.temperature).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -374,10 +373,11 @@ def pick_partners(classes: "torch.Tensor", cand_classes: "torch.Tensor") -> "tor
     with none left gets the first unused candidate. (B,), (M,) class indices -> (B,) candidate indices."""
     import torch
 
-    used = torch.zeros(len(cand_classes), dtype=torch.bool)
+    cand = cand_classes.cpu()
+    used = torch.zeros(len(cand), dtype=torch.bool)
     out = []
     for c in classes.tolist():
-        same = ((cand_classes.cpu() == c) & ~used).nonzero().flatten()
+        same = ((cand == c) & ~used).nonzero().flatten()
         j = int(same[0]) if len(same) else int((~used).nonzero().flatten()[0])
         used[j] = True
         out.append(j)
