@@ -110,6 +110,24 @@ def test_rerun_with_the_same_seed_reproduces_the_published_table(small_run, tmp_
     assert [r["generalization"] for r in res["summary"]] == [r["generalization"] for r in first["summary"]]
 
 
+def test_results_name_the_measured_hypernetwork_and_a_rerun_with_another_one_says_so(small_run, tmp_path):
+    from vitedit.artifacts import sha256_file
+    from vitedit.models import DEFAULT_ASSETS
+
+    out, first = small_run
+    shipped = DEFAULT_ASSETS / "hypernet.safetensors"
+    assert first["hypernet"] == {"path": str(shipped), "sha256": sha256_file(shipped)}
+    recorded = json.loads((DEFAULT_ASSETS / "hypernet.json").read_text())["model"]["weights_sha256"]
+    assert first["model_weights_sha256"] == recorded
+    other = json.loads((out / "results.json").read_text())
+    other["hypernet"]["sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    res = run_benchmark(BenchmarkConfig(**{**SMALL, "methods": ("hypernet",), "sparsities": (0.1,),
+                                           "out": tmp_path / "o", "compare_to": tmp_path / "other.json"}),
+                        lambda *a: None)
+    assert "hypernet (sha256)" in res["comparison"]["config_differences"]
+
+
 def test_compare_refuses_bad_or_clobbered_files(small_run, tmp_path):
     out, _ = small_run
     with pytest.raises(UsageError, match="overwrite"):

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .artifacts import atomic_path, write_json
+from .artifacts import atomic_path, sha256_file, write_json
 from .errors import UsageError
 
 SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
@@ -125,12 +125,13 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     if unknown:
         raise UsageError(f"--groups: unknown {', '.join(unknown)}; see `vitedit examples`")
     methods = list(cfg.methods)
-    hypernet = None
+    hypernet, hypernet_id = None, None
     if "hypernet" in methods:
         path = cfg.hypernet or default_hypernet_for(loaded)
         if path is None:
             raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
         hypernet, _ = load_hypernet(Path(path), loaded.identity, sites)
+        hypernet_id = {"path": str(path), "sha256": sha256_file(path)}  # which one was measured, by content
 
     def load_set(refs, what):
         x, good, _ = load_tensors(refs, loaded.transform, loaded.channels, progress=lambda d, t: progress(what, d, t))
@@ -229,7 +230,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     summary = aggregate(rows_out)
     gains = [row for m in ("hypernet",) + ORACLES if m in methods for row in matched_locality(summary, m)]
     result = {
-        "model": loaded.name, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
+        "model": loaded.name, "model_weights_sha256": loaded.identity.get("weights_sha256"),
+        "hypernet": hypernet_id, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
         "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
         "sensitive_images": len(sens), "test_images": len(test_y), "base_test_accuracy": base_test_acc,
         "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
@@ -239,9 +241,12 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         "matched_locality": gains,
     }
     if published is not None:
-        ignore = {"out", "compare_to"}
+        ignore = {"out", "compare_to", "hypernet"}  # the hypernetwork is compared by content, below
         differs = sorted(k for k, v in result["config"].items()
                          if k not in ignore and published.get("config", {}).get(k) != v)
+        theirs = (published.get("hypernet") or {}).get("sha256")
+        if hypernet_id and theirs and theirs != hypernet_id["sha256"]:
+            differs.append("hypernet (sha256)")
         # Overall rows average over the groups run: comparable only when the group sets match.
         same_groups = sorted(published.get("groups") or []) == sorted(groups)
         rows = summary if same_groups else [r for r in summary if r["group"] != "all"]
