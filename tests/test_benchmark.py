@@ -128,6 +128,27 @@ def test_results_name_the_measured_hypernetwork_and_a_rerun_with_another_one_say
     assert "hypernet (sha256)" in res["comparison"]["config_differences"]
 
 
+def test_locality_folder_replaces_the_bundled_sensitive_set(tmp_path):
+    import shutil
+
+    from vitedit.errors import InputDataError
+    from vitedit.models import DEFAULT_ASSETS
+
+    loc = tmp_path / "loc"
+    for src in sorted((DEFAULT_ASSETS / "sensitive").rglob("*.png"))[:5]:
+        (loc / src.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, loc / src.parent.name / src.name)
+    tiny = {**SMALL, "methods": ("random",), "sparsities": (0.1,), "edits_per_group": 1}
+    res = run_benchmark(BenchmarkConfig(**tiny, out=tmp_path / "o", locality=loc), lambda *a: None)
+    assert res["sensitive_images"] == 5 and res["config"]["locality"] == str(loc)
+    # Locality on 5 images moves in steps of 1/5.
+    assert all(round(r["locality"] * 5, 6).is_integer() for r in json.loads((tmp_path / "o" / "results.json")
+                                                                          .read_text())["edits"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputDataError, match="no image files"):
+        run_benchmark(BenchmarkConfig(**tiny, out=tmp_path / "o2", locality=tmp_path / "empty"), lambda *a: None)
+
+
 def test_compare_refuses_bad_or_clobbered_files(small_run, tmp_path):
     out, _ = small_run
     with pytest.raises(UsageError, match="overwrite"):

@@ -97,3 +97,23 @@ def test_restart_cycles_chain_from_the_previous_stage(tmp_path, capsys):
     again = load_file(str(tmp_path / "model-restart2.safetensors"))
     assert all((again[k] == restart[k]).all() for k in restart)
     assert "restart epoch 1/1" in capsys.readouterr().out
+
+
+def test_test_images_are_exactly_the_in_distribution_test_set(tmp_path):
+    from PIL import Image
+
+    from vitedit.zoo._package import in_distribution_test, write_test_images
+
+    data = _synthetic(n_per_class=12)
+    manifest = fashion.make_split(data, clusters=2, min_share=0.1, seed=0)
+    withheld = {i for g in manifest["groups"] for i in g["test_indices"]}
+    idx = in_distribution_test(data, manifest)
+    assert withheld and set(idx.tolist()) == set(range(len(data["test_y"]))) - withheld
+    out = tmp_path / "test-images"
+    (out / "stale").mkdir(parents=True)  # a previous pool is replaced, not merged
+    assert write_test_images(data, manifest, out) == len(idx)
+    files = sorted(out.rglob("*.png"))
+    assert len(files) == len(idx) and not (out / "stale").exists()
+    i = int(files[0].stem)
+    assert files[0].parent.name == fashion.LABELS[int(data["test_y"][i])].replace("/", "_")
+    np.testing.assert_array_equal(np.asarray(Image.open(files[0])), data["test_x"][i])

@@ -61,6 +61,7 @@ class BenchmarkConfig:
     max_steps: int = 100
     hypernet: Path | None = None
     compare_to: Path | None = None    # a published results.json to check this run against
+    locality: Path | None = None      # a locality folder (`vitedit sensitive`); default: the bundled set
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS + ORACLES]
@@ -138,7 +139,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         return x, good
 
     progress("caching", 0, 3)
-    sens_x, _ = load_set(scan_unlabeled(default_locality_dir(loaded)), "loading locality set")
+    sens_x, _ = load_set(scan_unlabeled(cfg.locality or default_locality_dir(loaded)), "loading locality set")
     sens = TokenCache(model, start, sens_x)
     sens_base = sens.predict()
     from .models import DEFAULT_ASSETS

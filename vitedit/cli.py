@@ -503,6 +503,8 @@ def benchmark(
     sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities"),
     edits_per_group: int = typer.Option(5, "--edits-per-group", help="Edits per group and setting."),
     hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
+    locality: Optional[Path] = typer.Option(
+        None, "--locality", help="Locality folder (from `vitedit sensitive`). Default: the bundled sensitive set."),
     lr: Optional[float] = typer.Option(None, "--lr"),
     max_steps: int = typer.Option(100, "--max-steps"),
     out: Path = typer.Option(Path("benchmark-results"), "--out"),
@@ -520,7 +522,8 @@ def benchmark(
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
                           _floats(sparsities, "--sparsities"), edits_per_group=edits_per_group, out=out, seed=seed,
-                          lr=lr, max_steps=max_steps, hypernet=hypernet, compare_to=compare)
+                          lr=lr, max_steps=max_steps, hypernet=hypernet, compare_to=compare,
+                          locality=locality)
     with ui.progress() as progress:
         res = run_benchmark(cfg, progress)
     if as_json:

@@ -41,6 +41,28 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     Image.fromarray(img, mode="L").save(path, optimize=True)
 
 
+def in_distribution_test(data: dict, manifest: dict) -> np.ndarray:
+    """Indices of the test images outside every withheld group."""
+    withheld = np.zeros(len(data["test_y"]), dtype=bool)
+    for g in manifest["groups"]:
+        withheld[g["test_indices"]] = True
+    return np.flatnonzero(~withheld)
+
+
+def write_test_images(data: dict, manifest: dict, out: Path) -> int:
+    """Every in-distribution test image as ``out/<class folder>/<test index>.png``; replaces ``out``."""
+    from vitedit.data import safe_label_name
+
+    from .fashion import LABELS
+
+    idx = in_distribution_test(data, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    for i in idx:
+        _write_png(out / safe_label_name(LABELS[int(data["test_y"][i])]) / f"{i:05d}.png", data["test_x"][i])
+    return len(idx)
+
+
 def package(data: dict, manifest: dict, work: Path, assets: Path, args) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -60,10 +82,7 @@ def package(data: dict, manifest: dict, work: Path, assets: Path, args) -> dict:
         logits = torch.cat([model(x_test[i:i + 1000]) for i in range(0, len(x_test), 1000)])
     pred = logits.argmax(-1)
 
-    withheld = np.zeros(len(y_test), dtype=bool)
-    for g in manifest["groups"]:
-        withheld[g["test_indices"]] = True
-    in_dist = np.flatnonzero(~withheld)
+    in_dist = in_distribution_test(data, manifest)
     in_acc = float((pred[in_dist] == y_test[in_dist]).float().mean())
 
     if assets.exists():

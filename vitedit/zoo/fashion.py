@@ -18,6 +18,10 @@ scale, with real data (see docs/default-model.md):
 
     python -m vitedit.zoo.fashion build --work build/fashion --resume
 
+``test-images`` (not part of ``build``) writes every in-distribution test image to
+``<work>/test-images/<class folder>/<test index>.png``: a pool for larger locality sets
+(``vitedit sensitive build/fashion/test-images -o DIR --margin M``).
+
 The Fashion-MNIST files come from the Debian package ``dataset-fashion-mnist``; the shipped
 package never needs them at run time.
 """
@@ -255,7 +259,7 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitedit.zoo.fashion", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["split", "train", "restart", "package", "build"])
+    p.add_argument("step", choices=["split", "train", "restart", "package", "build", "test-images"])
     p.add_argument("--work", type=Path, default=Path("build/fashion"), help="working directory")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--seed", type=int, default=0)
@@ -299,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("package", "build"):
         from vitedit.zoo._package import package
         package(data, manifest, args.work, args.assets, args)
+    if args.step == "test-images":
+        from vitedit.zoo._package import write_test_images
+        n = write_test_images(data, manifest, args.work / "test-images")
+        print(f"{n} in-distribution test images in {args.work / 'test-images'}", flush=True)
 
 
 if __name__ == "__main__":
