@@ -132,7 +132,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         if path is None:
             raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
         hypernet, _ = load_hypernet(Path(path), loaded.identity, sites)
-        hypernet_id = {"path": str(path), "sha256": sha256_file(path)}  # which one was measured, by content
+        # Which one was measured, by content; the shipped one by name, not by this machine's install path.
+        hypernet_id = {"path": str(cfg.hypernet) if cfg.hypernet else "shipped", "sha256": sha256_file(path)}
 
     def load_set(refs, what):
         x, good, _ = load_tensors(refs, loaded.transform, loaded.channels, progress=lambda d, t: progress(what, d, t))
