@@ -21,11 +21,9 @@ def ci(r: dict, key: str) -> str:
     return format_ci(r, key, "±")
 
 
-def gain_cell(row: dict) -> str:
+def gain_cell(gain: float, ci95: float | None) -> str:
     """A matched-locality gain with its CI, or the one group it rests on when there is no CI."""
-    if row["gain_ci95"] is None:
-        return f"{row['gain']:+.3f} (1 group)"
-    return f"{row['gain']:+.3f} ± {row['gain_ci95']:.3f}"
+    return f"{gain:+.3f} (1 group)" if ci95 is None else f"{gain:+.3f} ± {ci95:.3f}"
 
 
 def main() -> None:
@@ -75,19 +73,15 @@ def main() -> None:
             continue
         name = {"hypernet": "Hypernetwork", "bilevel": "The bilevel oracle",
                 "group-gradient": "The group-gradient upper bound"}.get(method, method)
-        # Each baseline on its own, for its CI (the groups where its curve overlaps, as in the row's mean).
-        alone = {b: {(r["edit_images"], r["setting"]): r for r in matched_locality(summary, method, (b,))}
-                 for b in ("gradient", "random", "l1", "l2")}
         print(f"\n**{name} minus each baseline at matched locality** (generalization points; mean over "
               "groups ± 95% CI across groups; `groups` counts those where the best baseline's curve overlaps)\n")
         print("| edit images | sparsity | groups | best baseline | gain vs best | gradient | random | l1 | l2 |")
         print("|---|---|---|---|---|---|---|---|---|")
         for g in gains:
-            per = {b: rows[(g["edit_images"], g["setting"])] for b, rows in alone.items()
-                   if (g["edit_images"], g["setting"]) in rows}
-            cells = [gain_cell(per[b]) if b in per else "n/a" for b in ("gradient", "random", "l1", "l2")]
+            per, half = g["gain_by_baseline"], g["gain_ci95_by_baseline"]
+            cells = [gain_cell(per[b], half[b]) if b in per else "n/a" for b in ("gradient", "random", "l1", "l2")]
             print(f"| {g['edit_images']} | {g['setting']:g} | {g['groups']} | {g['best_baseline']} | "
-                  f"{gain_cell(g)} | " + " | ".join(cells) + " |")
+                  f"{gain_cell(g['gain'], g['gain_ci95'])} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ def test_matched_locality_gain_against_the_best_baseline_averaged_over_groups():
     assert row["gain"] == pytest.approx(0.10, abs=1e-4)          # mean of 0.05 and 0.15
     assert row["gain_by_baseline"]["random"] == pytest.approx(0.20, abs=1e-4)
     assert row["gain_ci95"] > 0
+    # Every baseline carries its own CI and group count; the best one's are the row's.
+    assert row["gain_ci95_by_baseline"]["gradient"] == row["gain_ci95"]
+    assert row["gain_ci95_by_baseline"]["random"] == pytest.approx(row["gain_ci95"], abs=1e-4)  # same spread
+    assert row["groups_by_baseline"] == {"gradient": 2, "random": 2}
 
 
 def test_compare_flags_only_values_outside_the_published_ci():

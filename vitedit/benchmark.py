@@ -322,7 +322,8 @@ def matched_locality(summary: Sequence[dict], method: str = "hypernet",
     baseline's locality range are skipped (no extrapolation). The gain against a baseline is the mean
     of these differences over groups, with a 95% CI across groups. The best baseline is the one with
     the smallest mean gain (choosing it per group instead would favour the baselines: the maximum of
-    several noisy curves is biased upward). Returns one row per (edit_images, setting).
+    several noisy curves is biased upward). Returns one row per (edit_images, setting), with every
+    baseline's gain, CI and group count as well as the best one's.
     """
     by = {}
     for r in summary:
@@ -343,7 +344,10 @@ def matched_locality(summary: Sequence[dict], method: str = "hypernet",
         m, ci, n = stats[best]
         out.append({"edit_images": k, "method": method, "setting": setting, "best_baseline": best, "groups": n,
                     "gain": round(m, 4), "gain_ci95": None if ci is None else round(ci, 4),
-                    "gain_by_baseline": {b: round(v[0], 4) for b, v in sorted(stats.items())}})
+                    "gain_by_baseline": {b: round(v[0], 4) for b, v in sorted(stats.items())},
+                    "gain_ci95_by_baseline": {b: None if v[1] is None else round(v[1], 4)
+                                              for b, v in sorted(stats.items())},
+                    "groups_by_baseline": {b: v[2] for b, v in sorted(stats.items())}})
     return out
 
 
