@@ -132,9 +132,52 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise UsageError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} 0.01,0.05,0.1") from None
 
 
-def _edit_config(lr: Optional[float], max_steps: Optional[int]) -> dict:
-    """Only the flags the user gave; the library merges them over the model's recommended settings."""
-    return {"lr": lr, "max_steps": max_steps}
+def _edit_config(lr: Optional[float], max_steps: Optional[int], preserve_weight: Optional[float] = None,
+                 nullspace: Optional[str] = None, stop_margin: Optional[str] = None,
+                 augment: Optional[int] = None, preserve_batch: Optional[int] = None) -> dict:
+    """Only the flags the user gave; the library merges them over the objective's and the model's defaults.
+    ``--nullspace off`` / ``--stop-margin off`` switch those terms off."""
+    out = {"lr": lr, "max_steps": max_steps, "preserve_weight": preserve_weight, "augment": augment,
+           "preserve_batch": preserve_batch}
+    for key, flag, text in (("nullspace_threshold", "--nullspace", nullspace), ("stop_margin", "--stop-margin", stop_margin)):
+        if text is None:
+            continue
+        if text.strip().lower() in ("off", "none"):
+            out[key] = "off"
+        else:
+            try:
+                out[key] = float(text)
+            except ValueError:
+                raise UsageError(f"{flag} {text!r}: give a number, or 'off'") from None
+    return out
+
+
+def _sparsity(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--sparsity {text!r}: give the fraction of units to edit, e.g. 0.05, or 'auto'") from None
+
+
+ObjectiveOpt = typer.Option("local", "--objective", help="local: keep the rest of the model in place (preservation "
+                            "term on the preserve set, null-space constrained update, margin stop); plain: the paper's "
+                            "editor (fit the edit images to a loss of 0.01, nothing else).")
+PreserveOpt = typer.Option(None, "--preserve", help="Folder of ordinary unlabeled inputs the edit must leave alone (never "
+                           "measured on; must not overlap --check, --locality or the failures). Default for the "
+                           "embedded model: its 1,000 bundled training images.")
+NoPreserveOpt = typer.Option(False, "--no-preserve", help="Use no preserve set, even the bundled one.")
+CheckOpt = typer.Option(None, "--check", help="Labeled folder (one sub-folder per class) of ordinary images to measure "
+                        "the accuracy drop and flip rate on. Default for the embedded model: its bundled 1,000-image test sample.")
+NoCheckOpt = typer.Option(False, "--no-check", help="Measure no check set, even the bundled one.")
+PreserveWeightOpt = typer.Option(None, "--preserve-weight", help="Weight of KL(base || edited) on the preserve set (local default 3; 0 = off).")
+NullspaceOpt = typer.Option(None, "--nullspace", help="Relative eigenvalue threshold of the null-space projection, "
+                            "e.g. 0.1 (larger = looser), or 'off'.")
+StopMarginOpt = typer.Option(None, "--stop-margin", help="Stop once every edit image's true class leads by this "
+                             "probability margin, e.g. 0.2; 'off' = the paper's loss <= 0.01.")
+AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
+MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -204,9 +247,20 @@ def locate(
 
 @app.command()
 def apply(
-    sparsity: float = typer.Option(0.05, "--sparsity", "-s", help="Fraction of units to EDIT (density), e.g. 0.05 edits the top 5% of units. (The paper calls 1 - this the sparsity.)"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most optimizer steps (default 100)."),
+    sparsity: str = typer.Option("0.05", "--sparsity", "-s", help="Fraction of units to EDIT (density), e.g. 0.05 edits the top 5% of units "
+                                 "(the paper calls 1 - this the sparsity); 'auto' picks it by the report's rule on a validation half of the held-out failures."),
+    objective: str = ObjectiveOpt,
+    preserve: Optional[Path] = PreserveOpt,
+    no_preserve: bool = NoPreserveOpt,
+    check: Optional[Path] = CheckOpt,
+    no_check: bool = NoCheckOpt,
+    preserve_weight: Optional[float] = PreserveWeightOpt,
+    nullspace: Optional[str] = NullspaceOpt,
+    stop_margin: Optional[str] = StopMarginOpt,
+    augment: Optional[int] = AugmentOpt,
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most optimizer steps (plain 100, local 200)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (RMSprop). Default: the model's recommended value, else 2e-5 (the paper's)."),
+    max_accuracy_drop: float = MaxDropOpt,
     holdout: Optional[float] = typer.Option(None, "--holdout", help="Share of failures held out for generalization (default: as in locate)."),
     generalization: Optional[Path] = typer.Option(None, "--generalization", help="Measure generalization on this labeled folder instead; all failures are edited."),
     locality: Optional[Path] = typer.Option(None, "--locality", help="Folder of images whose predictions must not change (see `vitedit sensitive`). Default for the embedded model: its bundled sensitive set."),
@@ -217,33 +271,57 @@ def apply(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Edit only the top units, then measure success, generalization and locality; save the patch."""
+    """Edit only the top units, then measure success, generalization, locality and the accuracy drop; save the patch."""
     from .pipeline import ApplyConfig, ExperimentOptions, run_apply
 
     ui = UI(as_json, quiet)
-    cfg = ApplyConfig(workspace, sparsity, ExperimentOptions(_edit_config(lr, max_steps), holdout, generalization,
-                                                             locality, seed, device, skip_bad_images))
+    experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment),
+                                   holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
+                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check)
+    cfg = ApplyConfig(workspace, _sparsity(sparsity), experiment, max_accuracy_drop)
     with ui.progress() as progress:
         res = run_apply(cfg, progress)
     if as_json:
         return ui.emit_json(res)
-    if res["locality_note"]:
-        ui.note(res["locality_note"])
-    ui.table(f"Edit at sparsity {res['sparsity']:g} ({res['locator']} mask)", ["metric", "before", "after", "on"],
-             [["success", _pct(res["base"]["success"]), _pct(res["success"]), f"{res['edit_images']} edited images"],
-              ["generalization", _pct(res["base"]["holdout_base_accuracy"]), _pct(res["generalization"]),
-               f"{res['holdout_images']} {res['generalization_source']}"],
-              ["locality", "100.0%", _pct(res["locality"]), f"{res['locality_images']} locality images"]])
+    for n in res["notes"]:
+        ui.note(n)
+    if res["auto"]:
+        ui.note(f"--sparsity auto chose {res['sparsity']:g} on {res['auto']['validation_images']} validation failures: "
+                f"{res['auto']['rule']}")
+    ui.table(f"Edit at sparsity {res['sparsity']:g} ({res['locator']} mask, {res['objective']} objective)",
+             ["metric", "before", "after", "on"], _apply_rows(res))
     ui.out.print(f"edited {res['units_edited']} units ({res['params_edited']:,} weights) in {res['steps']} steps"
                  f"{'' if res['converged'] else ' (stopped at --max-steps before every image was fixed)'}")
     ui.out.print(f"patch: {res['patch']}\nedited model: {res['edited_model']}")
 
 
+def _apply_rows(res: dict) -> list[list]:
+    rows = [["success", _pct(res["base"]["success"]), _pct(res["success"]), f"{res['edit_images']} edited images"],
+            ["generalization", _pct(res["base"]["holdout_base_accuracy"]), _pct(res["generalization"]),
+             f"{res['holdout_images']} {res['generalization_source']}"],
+            ["locality", "100.0%", _pct(res["locality"]), f"{res['locality_images']} locality images"]]
+    if res.get("accuracy_before") is not None:
+        rows += [["check accuracy", _pct(res["accuracy_before"]), _pct(res["accuracy_after"]),
+                  f"{res['check_images']} check images: drop {res['accuracy_drop']:.2f} points"],
+                 ["flip rate", "0.0%", _pct(res["flip_rate"]), f"{res['check_images']} check images"]]
+    return rows
+
+
 @app.command()
 def report(
     sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities", help="Fractions of units to edit."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of generalization vs locality."),
-    min_locality: float = typer.Option(0.9, "--min-locality", help="Recommend the best generalization with at least this locality."),
+    preserve_weights: str = typer.Option("1,3,10", "--preserve-weights", help="Preservation weights swept with the local objective."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of generalization vs accuracy drop and locality."),
+    max_accuracy_drop: float = MaxDropOpt,
+    min_locality: float = typer.Option(0.9, "--min-locality", help="Without a check set: recommend the best generalization with at least this locality."),
+    objective: str = ObjectiveOpt,
+    preserve: Optional[Path] = PreserveOpt,
+    no_preserve: bool = NoPreserveOpt,
+    check: Optional[Path] = CheckOpt,
+    no_check: bool = NoCheckOpt,
+    nullspace: Optional[str] = NullspaceOpt,
+    stop_margin: Optional[str] = StopMarginOpt,
+    augment: Optional[int] = AugmentOpt,
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     holdout: Optional[float] = typer.Option(None, "--holdout"),
@@ -256,29 +334,43 @@ def report(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Sweep sparsities (with random masks for contrast) and recommend one."""
+    """Sweep sparsities and preservation weights (with random masks for contrast) and recommend one."""
     from .pipeline import ExperimentOptions, ReportConfig, run_report
 
     ui = UI(as_json, quiet)
-    cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot,
-                       ExperimentOptions(_edit_config(lr, max_steps), holdout, generalization, locality, seed, device,
-                                         skip_bad_images))
+    experiment = ExperimentOptions(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment), holdout,
+                                   generalization, locality, seed, device, skip_bad_images, objective=objective,
+                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check)
+    cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot, experiment,
+                       _floats(preserve_weights, "--preserve-weights"), max_accuracy_drop)
     with ui.progress() as progress:
         res = run_report(cfg, progress)
     if as_json:
         return ui.emit_json(res)
-    if res["locality_note"]:
-        ui.note(res["locality_note"])
-    ui.table(f"Trade-off on {res['edit_images']} edit images, {res['holdout_images']} held out, "
-             f"{res['locality_images']} locality images",
-             ["sparsity", "mask", "units", "steps", "success", "generalization", "locality"],
-             [[f"{p['sparsity']:g}", p["locator"], p["units_edited"], p["steps"], _pct(p["success"]),
-               _pct(p["generalization"]), _pct(p["locality"])] for p in res["points"]])
+    for n in res["notes"]:
+        ui.note(n)
+    _report_table(ui, res)
     r = res["recommended"]
-    ui.out.print(f"recommended: --sparsity {r['sparsity']:g} ({r['rule']}): generalization {_pct(r['generalization'])}, "
-                 f"locality {_pct(r['locality'])}")
+    weight = f" --preserve-weight {r['preserve_weight']:g}" if r.get("preserve_weight") else ""
+    ui.out.print(f"{'recommended' if r['qualifies'] else 'nothing qualifies; closest'}: --sparsity {r['sparsity']:g}{weight} "
+                 f"({r['rule']}): generalization {_pct(r['generalization'])}, accuracy drop {_points(r['accuracy_drop'])}, "
+                 f"flip rate {_pct(r['flip_rate'])}, locality {_pct(r['locality'])}")
     if res["plot"]:
         ui.out.print(f"plot: {res['plot']}")
+
+
+def _points(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f} points"
+
+
+def _report_table(ui: "UI", res: dict, title: str | None = None) -> None:
+    ui.table(title or f"Trade-off on {res['edit_images']} edit images, {res['holdout_images']} held out, "
+             f"{res['check_images']} check images, {res['locality_images']} locality images",
+             ["sparsity", "mask", "preserve weight", "steps", "success", "generalization", "accuracy drop", "flip rate",
+              "locality"],
+             [[f"{p['sparsity']:g}", p["locator"], f"{p['preserve_weight']:g}", p["steps"], _pct(p["success"]),
+               _pct(p["generalization"]), "n/a" if p["accuracy_drop"] is None else f"{p['accuracy_drop']:.2f}",
+               _pct(p["flip_rate"]), _pct(p["locality"])] for p in res["points"]])
 
 
 @app.command()
@@ -454,6 +546,7 @@ def demo(
     out: Path = typer.Option(Path("vitedit-demo"), "--out", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
     sparsity: float = typer.Option(0.05, "--sparsity", help="Fraction of units to edit."),
     edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
+    objective: str = ObjectiveOpt,
     device: str = DeviceOpt,
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
@@ -464,7 +557,8 @@ def demo(
 
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
-        res = run_demo(DemoConfig(group, out, sparsity, device=device, seed=seed, edit_images=edit_images), progress)
+        res = run_demo(DemoConfig(group, out, sparsity, device=device, seed=seed, edit_images=edit_images,
+                                  objective=objective), progress)
     if as_json:
         return ui.emit_json(res)
     loc, app_, rep, exp = res["locate"], res["apply"], res["report"], res["export"]
@@ -476,16 +570,26 @@ def demo(
     p(f"[bold]2. Locate.[/] The {loc['locator']} locator scored {loc['total_units']} MLP units in blocks "
       f"{sorted({s['block'] for s in loc['sites']})} using {loc['edit_images']} failures; "
       f"{loc['holdout_images']} are held out to test generalization.")
+    for n in app_["notes"]:
+        p(f"   note: {n}")
+    held = (f"{app_['preserve_images']} preserve images held the rest of the model in place"
+            if app_["preserve_images"] else "nothing held the rest of the model in place")
     p(f"[bold]3. Apply.[/] Editing {app_['units_edited']} units ({app_['params_edited']:,} weights, sparsity "
-      f"{app_['sparsity']:g}) for {app_['steps']} steps fixed {_pct(app_['success'])} of the edited images; "
-      f"generalization {_pct(app_['base']['holdout_base_accuracy'])} -> {_pct(app_['generalization'])} on the held-out "
-      f"failures; locality {_pct(app_['locality'])} of {app_['locality_images']} fragile in-distribution images unchanged.")
+      f"{app_['sparsity']:g}, {app_['objective']} objective: {held}) for {app_['steps']} steps fixed "
+      f"{_pct(app_['success'])} of the edited images; generalization {_pct(app_['base']['holdout_base_accuracy'])} -> "
+      f"{_pct(app_['generalization'])} on the held-out failures.")
+    if app_["accuracy_before"] is not None:
+        p(f"   On {app_['check_images']} ordinary test images it was not edited on: accuracy "
+          f"{_pct(app_['accuracy_before'])} -> {_pct(app_['accuracy_after'])} (drop {_points(app_['accuracy_drop'])}), "
+          f"{_pct(app_['flip_rate'])} of predictions changed; locality {_pct(app_['locality'])} of "
+          f"{app_['locality_images']} fragile images unchanged.")
     r = rep["recommended"]
     p(f"[bold]4. Report.[/] Across sparsities {', '.join(f'{x:g}' for x in sorted({q['sparsity'] for q in rep['points']}))} "
-      f"(with random masks for contrast) the recommended sparsity is {r['sparsity']:g}: {r['rule']}. Plot: {rep['plot']}")
-    ui.table("Trade-off", ["sparsity", "mask", "success", "generalization", "locality"],
-             [[f"{q['sparsity']:g}", q["locator"], _pct(q["success"]), _pct(q["generalization"]), _pct(q["locality"])]
-              for q in rep["points"]])
+      f"and preservation weights {', '.join(f'{w:g}' for w in rep['preserve_weights'])} (with random masks for contrast): "
+      f"{'recommended' if r['qualifies'] else 'nothing qualifies; closest'} --sparsity {r['sparsity']:g}"
+      f"{' --preserve-weight ' + format(r['preserve_weight'], 'g') if r.get('preserve_weight') else ''}, {r['rule']}: "
+      f"generalization {_pct(r['generalization'])}, accuracy drop {_points(r['accuracy_drop'])}. Plot: {rep['plot']}")
+    _report_table(ui, rep, "Trade-off")
     p(f"[bold]5. Export.[/] {exp['path']}: ONNX matches PyTorch on {exp['num_checked']} images "
       f"(top-1 agreement {_pct(exp['top1_agreement'])}, max |logit diff| {exp['max_abs_diff']:.1e}).")
     p(f"Patch (revertible): {app_['patch']}")

@@ -49,6 +49,8 @@ class DemoConfig:
     device: str = "cpu"
     seed: int = 0
     edit_images: int = 10
+    objective: str = "local"
+    preserve_weights: tuple[float, ...] = (1.0, 3.0, 10.0)
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict:
@@ -68,9 +70,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict
     ws = out / "workspace"
     located = run_locate(LocateConfig(failures, ModelOptions(device=cfg.device), seed=cfg.seed, workspace=ws,
                                       max_edit_images=cfg.edit_images), progress)
-    experiment = ExperimentOptions(device=cfg.device)
+    experiment = ExperimentOptions(device=cfg.device, objective=cfg.objective)
     applied = run_apply(ApplyConfig(ws, cfg.sparsity, experiment), progress)
-    reported = run_report(ReportConfig(ws, cfg.sparsities, plot=out / "tradeoff.png", experiment=experiment), progress)
+    reported = run_report(ReportConfig(ws, cfg.sparsities, plot=out / "tradeoff.png", experiment=experiment,
+                                       preserve_weights=cfg.preserve_weights), progress)
     exported = run_export(ExportJob(out / "edited.onnx", ws), progress)
     return {"group": group, "failures_dir": str(failures), "locate": located, "apply": applied, "report": reported,
             "export": exported}

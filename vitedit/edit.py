@@ -16,7 +16,7 @@ How it is fast and exact:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -29,14 +29,40 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .preserve import PreserveSet
+
+
+OBJECTIVES = ("plain", "local")
+
 
 @dataclass(frozen=True)
 class EditConfig:
-    """How an edit is fitted. The paper's values for ViT-B/16 are lr 2e-5, 100 steps, loss 0.01."""
+    """How an edit is fitted. Defaults are the paper's editor (``plain``): for ViT-B/16 lr 2e-5,
+    at most 100 steps, stop when every edit image is right and the loss is <= 0.01.
+
+    The terms that keep the rest of the model in place (all off by default; ``objective_config``
+    gives the ``local`` preset):
+
+    - ``preserve_weight``: add ``preserve_weight * KL(base || edited)`` on a minibatch of
+      ``preserve_batch`` preserve images per step;
+    - ``nullspace_threshold``: after every step, project each site's update onto the preserve
+      inputs' near null space (eigenvalues below this share of the largest; ``None`` = off);
+    - ``stop_margin``: stop when every edit image's true-class probability exceeds every other
+      class's by this margin, instead of driving the loss to ``loss_threshold`` (``None`` = the
+      paper's rule);
+    - ``augment``: also fit this many randomly shifted / mirrored views of each edit image per
+      step (for generalization; the stopping rule still looks at the images themselves).
+    """
 
     lr: float = 2e-5
     max_steps: int = 100
     loss_threshold: float = 0.01
+    objective: str = "plain"
+    preserve_weight: float = 0.0
+    preserve_batch: int = 32
+    nullspace_threshold: float | None = None
+    stop_margin: float | None = None
+    augment: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -45,9 +71,49 @@ class EditConfig:
             raise UsageError(f"--max-steps {self.max_steps}: give at least 1 optimizer step")
         if self.loss_threshold < 0:
             raise UsageError(f"loss threshold {self.loss_threshold} must be >= 0")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective {self.objective!r}: choose {' or '.join(OBJECTIVES)}")
+        if not self.preserve_weight >= 0:
+            raise UsageError(f"--preserve-weight {self.preserve_weight} must be >= 0 (0 = no preservation term)")
+        if self.preserve_batch < 1:
+            raise UsageError(f"--preserve-batch {self.preserve_batch}: give at least 1 image per step")
+        if self.nullspace_threshold is not None and not 0 < self.nullspace_threshold <= 1:
+            raise UsageError(f"--nullspace {self.nullspace_threshold}: give a relative eigenvalue threshold in (0, 1], "
+                             "e.g. 0.01, or leave it out")
+        if self.augment < 0:
+            raise UsageError(f"--augment {self.augment}: give the number of augmented views per edit image (0 = none)")
+        if self.stop_margin is not None and not 0 <= self.stop_margin < 1:
+            raise UsageError(f"--stop-margin {self.stop_margin}: give a probability margin in [0, 1), e.g. 0.2")
+
+    @property
+    def uses_preserve(self) -> bool:
+        return self.preserve_weight > 0 or self.nullspace_threshold is not None
+
+    def without_preserve(self) -> "EditConfig":
+        """The same edit with the terms that need a preserve set switched off."""
+        return replace(self, preserve_weight=0.0, nullspace_threshold=None)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+# The presets behind ``--objective``. ``plain`` is the paper's editor; ``local`` adds the terms that
+# keep the rest of the model in place, with the defaults chosen on the benchmark (docs/benchmark.md).
+OBJECTIVE_PRESETS: dict[str, dict] = {
+    "plain": {},
+    "local": {"preserve_weight": 3.0, "preserve_batch": 32, "nullspace_threshold": 1e-2, "stop_margin": 0.2,
+              "max_steps": 200},
+}
+
+
+def objective_config(objective: str, **overrides) -> EditConfig:
+    """An ``EditConfig`` from a preset name, then ``overrides`` (None values are ignored; ``"off"``
+    switches an optional term off)."""
+    if objective not in OBJECTIVE_PRESETS:
+        raise UsageError(f"--objective {objective!r}: choose {' or '.join(OBJECTIVES)}")
+    values = {**OBJECTIVE_PRESETS[objective], "objective": objective,
+              **{k: v for k, v in overrides.items() if v is not None}}
+    return EditConfig(**{k: None if v == "off" else v for k, v in values.items()})  # "off": a term switched off
 
 
 @dataclass(frozen=True)
@@ -145,20 +211,29 @@ def first_block(mask_or_sites) -> int:
 
 def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labels: "torch.Tensor",
          config: EditConfig = EditConfig(), *, tokens: "torch.Tensor | None" = None,
-         penalty: tuple[str, float] | None = None,
+         penalty: tuple[str, float] | None = None, preserve: "PreserveSet | None" = None, seed: int = 0,
          progress: Callable[[int, int, float], None] | None = None) -> EditResult:
     """Fit the selected units of a frozen ``model`` to ``labels``; return the patch.
 
     ``images`` (B, C, H, W) or precomputed prefix ``tokens`` (B, N, D) at the first edited block.
     ``penalty=("l1" | "l2", strength)`` adds ``strength * sum |w - w0|`` (or squared) over the free
-    weights to the loss: the paper's regularized fine-tuning baselines (used with a full mask). The
-    stopping rule looks at the cross-entropy alone. ``progress(step, max_steps, loss)`` is called
-    after every step.
+    weights to the loss: the paper's regularized fine-tuning baselines (used with a full mask).
+    ``preserve`` is needed by the config's preservation term and null-space projection
+    (``config.uses_preserve``); its minibatches are drawn with ``seed``. The stopping rule looks at
+    the edit images alone. ``progress(step, max_steps, loss)`` is called after every step.
+
+    Every objective changes only the free slices, so weights outside the mask stay bit-identical;
+    with ``preserve_weight=0`` and no projection the steps are exactly the paper's editor's.
     """
     import torch
     import torch.nn.functional as F
     from torch.func import functional_call
 
+    if config.augment and images is None:
+        raise UsageError("augmented edits need the edit images, not only their tokens")
+    if config.uses_preserve and preserve is None:
+        raise UsageError("this edit objective needs a preserve set (--preserve DIR: ordinary images the edit must "
+                         "leave alone), or use --objective plain")
     start = first_block(mask)
     suffix = make_suffix(model, start)
     if tokens is None:
@@ -172,33 +247,118 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     free = {p: t.clone().requires_grad_(True) for p, t in old.items()}
     opt = torch.optim.RMSprop(list(free.values()), lr=config.lr)
 
+    # Null-space projectors, right-multiplied onto each slice's update: fc1 (k, D) @ (D, D),
+    # fc2 (D_out, k) @ (k, k).
+    projectors = {}
+    if config.nullspace_threshold is not None:
+        if preserve.start != start:
+            raise UsageError(f"the preserve set was cached at block {preserve.start}, the edit starts at block {start}")
+        projectors = {s.param: preserve.projector(s, idx[s.param], config.nullspace_threshold).to(tokens.device)
+                      for s in sites}
+    use_kl = config.preserve_weight > 0
+    n_edit = len(tokens)
+    if use_kl:
+        pool = preserve.tokens.to(tokens.device)
+        target = preserve.base_log_probs.to(tokens.device)
+        gen = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+
+    def next_preserve_rows() -> "torch.Tensor":
+        """The next ``preserve_batch`` rows of a seeded permutation of the pool, reshuffled when used up."""
+        nonlocal order
+        rows: list[int] = []
+        while len(rows) < min(config.preserve_batch, len(pool)):
+            if not order:
+                order = torch.randperm(len(pool), generator=gen).tolist()
+            rows.append(order.pop())
+        return torch.tensor(rows, device=tokens.device)
+
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+
     losses: list[float] = []
     steps, converged = 0, False
     while True:
         weights = {s.param: base[s.param].index_copy(s.dim, idx[s.param], free[s.param]) for s in sites}
-        logits = functional_call(suffix, weights, (tokens,))  # (B, classes)
+        parts = [tokens]
+        if config.augment:  # fresh views each step: (A*B, C, H, W) -> prefix tokens, frozen
+            with torch.no_grad():
+                views = augment_views(images.to(tokens.device), config.augment, aug_gen)
+                parts.append(forward_prefix(model, views, start))
+        n_fit = sum(len(p) for p in parts)
+        if use_kl:
+            rows = next_preserve_rows()
+            parts.append(pool[rows])
+        out = functional_call(suffix, weights, (torch.cat(parts) if len(parts) > 1 else tokens,))  # (B + A*B + P, classes)
+        logits = out[:n_edit]
         loss = F.cross_entropy(logits, labels)
+        if config.augment:
+            loss_fit = F.cross_entropy(out[:n_fit], labels.repeat(1 + config.augment))
         losses.append(float(loss.detach()))
         correct = logits.argmax(-1) == labels
-        if bool(correct.all()) and losses[-1] <= config.loss_threshold:
+        if bool(correct.all()) and _stop(logits.detach(), labels, losses[-1], config):
             converged = True
             break
         if steps == config.max_steps:
             break
+        if config.augment:
+            loss = loss_fit
         if penalty is not None:
             kind, strength = penalty
             delta = [free[p] - old[p] for p in free]
             reg = sum((d.abs().sum() if kind == "l1" else d.pow(2).sum()) for d in delta)
             loss = loss + strength * reg
+        if use_kl:  # KL(base || edited) on this step's preserve minibatch
+            kl = F.kl_div(torch.log_softmax(out[n_fit:], -1), target[rows], log_target=True, reduction="batchmean")
+            loss = loss + config.preserve_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if projectors:
+            with torch.no_grad():
+                for p, proj in projectors.items():
+                    free[p].copy_(old[p] + (free[p] - old[p]) @ proj)
         steps += 1
         if progress is not None:
             progress(steps, config.max_steps, losses[-1])
     patch = Patch(tuple(sites), {p: i.cpu() for p, i in idx.items()},
                   {p: t.detach().cpu().clone() for p, t in free.items()}, {p: t.cpu() for p, t in old.items()})
     return EditResult(patch, steps, losses[-1], float(correct.float().mean()), converged, losses)
+
+
+def augment_views(images: "torch.Tensor", views: int, gen: "torch.Generator") -> "torch.Tensor":
+    """``views`` random label-preserving views of each image: (B, C, H, W) -> (views * B, C, H, W).
+
+    Each view is mirrored left-right with probability 1/2 and shifted by up to 1/14 of the image
+    size in each direction (edge pixels repeated), the light augmentation classifiers train with.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = images.shape
+    out = []
+    for _ in range(views):
+        x = images.clone()
+        flip = torch.rand(b, generator=gen) < 0.5
+        x[flip] = x[flip].flip(-1)
+        ph, pw = max(1, h // 14), max(1, w // 14)
+        padded = F.pad(x, (pw, pw, ph, ph), mode="replicate")
+        dy = torch.randint(0, 2 * ph + 1, (b,), generator=gen).tolist()
+        dx = torch.randint(0, 2 * pw + 1, (b,), generator=gen).tolist()
+        out.append(torch.stack([padded[i, :, y:y + h, x0:x0 + w] for i, (y, x0) in enumerate(zip(dy, dx))]))
+    return torch.cat(out)
+
+
+def _stop(logits: "torch.Tensor", labels: "torch.Tensor", loss: float, config: EditConfig) -> bool:
+    """The success criterion, given every edit image is classified correctly: the paper's loss
+    threshold, or (``stop_margin``) a true-class probability ahead of every other class by the margin."""
+    import torch
+
+    if config.stop_margin is None:
+        return loss <= config.loss_threshold
+    probs = torch.softmax(logits, -1)
+    true = probs.gather(1, labels[:, None]).squeeze(1)
+    other = probs.scatter(1, labels[:, None], -1.0).max(-1).values
+    return bool(((true - other) >= config.stop_margin).all())
 
 
 def patch_weights_file(weights: Path, patch_path: Path, out: Path, revert: bool = False) -> dict:

@@ -3,7 +3,10 @@
 - **success** (reliability): share of the *edit* images classified as their true class after the edit;
 - **generalization**: share of *held-out* failures of the same group classified correctly after the
   edit (none of them were used to fit it);
-- **locality**: share of the locality ("sensitive") set whose top-1 prediction is unchanged by the edit.
+- **locality**: share of the locality ("sensitive") set whose top-1 prediction is unchanged by the edit;
+- **accuracy before / after** on the *check set* (labeled ordinary images, never used to fit the
+  edit), the **accuracy drop** (before minus after, in percentage points) and the **flip rate**
+  (share of check images whose top-1 prediction changed, whichever way).
 
 Speed: base predictions are computed once; every set's prefix tokens at the first edited block are
 computed once (``TokenCache``) and each edit re-runs only the suffix, in batches. Memory: a set whose
@@ -158,14 +161,26 @@ class EditMetrics:
     success: float | None
     generalization: float | None
     locality: float | None
+    accuracy_before: float | None = None  # check set, base model
+    accuracy_after: float | None = None   # check set, edited model
+    flip_rate: float | None = None        # check set: share whose top-1 changed
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Percentage points of check-set accuracy lost (negative: gained)."""
+        if self.accuracy_before is None or self.accuracy_after is None:
+            return None
+        return round(100.0 * (self.accuracy_before - self.accuracy_after), 4)
 
     def to_json(self) -> dict:
-        return {"success": self.success, "generalization": self.generalization, "locality": self.locality}
+        return {"success": self.success, "generalization": self.generalization, "locality": self.locality,
+                "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+                "accuracy_drop": self.accuracy_drop, "flip_rate": self.flip_rate}
 
 
 @dataclass
 class EvalSets:
-    """The three sets of one experiment, cached at the first edited block."""
+    """The sets of one experiment, cached at the first edited block."""
 
     edit: TokenCache
     edit_labels: "torch.Tensor"
@@ -173,12 +188,21 @@ class EvalSets:
     holdout_labels: "torch.Tensor | None" = None
     locality: TokenCache | None = None
     locality_base: "torch.Tensor | None" = None  # base top-1 on the locality set
+    check: TokenCache | None = None
+    check_labels: "torch.Tensor | None" = None
+    check_base: "torch.Tensor | None" = None     # base top-1 on the check set
 
     def measure(self, weights: Mapping[str, "torch.Tensor"]) -> EditMetrics:
         success = accuracy(self.edit.predict(weights), self.edit_labels)
         gen = accuracy(self.holdout.predict(weights), self.holdout_labels) if self.holdout is not None else None
         loc = unchanged(self.locality.predict(weights), self.locality_base) if self.locality is not None else None
-        return EditMetrics(success, gen, loc)
+        before = after = flips = None
+        if self.check is not None:
+            pred = self.check.predict(weights)
+            before, after = accuracy(self.check_base, self.check_labels), accuracy(pred, self.check_labels)
+            same = unchanged(pred, self.check_base)
+            flips = None if same is None else round(1.0 - same, 6)
+        return EditMetrics(success, gen, loc, before, after, flips)
 
 
 def sensitive_mask(logits: "torch.Tensor", labels: "torch.Tensor", margin: float = 0.05) -> "torch.Tensor":

@@ -72,48 +72,82 @@ class LocateConfig:
 
 @dataclass(frozen=True)
 class ExperimentOptions:
-    """How apply and report set up an experiment on a workspace (the same for both)."""
+    """How apply and report set up an experiment on a workspace (the same for both).
 
-    edit: dict | None = None         # overrides (lr, max_steps) over the model's recommended settings
+    ``preserve`` (unlabeled images the edit is trained to leave alone) and ``check`` (labeled images
+    the accuracy drop and flip rate are measured on) default to the embedded model's bundled sets;
+    other models have none unless given. ``no_preserve`` / ``no_check`` switch the defaults off.
+    """
+
+    edit: dict | None = None         # overrides (lr, max_steps, ...) over the objective and model defaults
     holdout: float | None = None     # None: the split recorded by locate
     generalization: Path | None = None
     locality: Path | None = None
     seed: int | None = None          # None: the seed recorded by locate
     device: str = "auto"
     skip_bad_images: bool = False
+    objective: str = "local"
+    preserve: Path | None = None
+    check: Path | None = None
+    no_preserve: bool = False
+    no_check: bool = False
 
     def __post_init__(self) -> None:
         if self.holdout is not None:
             _check_holdout(self.holdout)
         if self.holdout is not None and self.generalization is not None:
             raise UsageError("give either --holdout or --generalization DIR, not both")
+        if self.preserve is not None and self.no_preserve:
+            raise UsageError("give either --preserve DIR or --no-preserve, not both")
+        if self.check is not None and self.no_check:
+            raise UsageError("give either --check DIR or --no-check, not both")
+        from .edit import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective {self.objective!r}: choose {' or '.join(OBJECTIVES)}")
 
 
 @dataclass(frozen=True)
 class ApplyConfig:
+    """``sparsity``: the fraction of units to edit, or ``"auto"``: sweep the report's sparsities and
+    keep the one the report's rule picks, judged on a validation half of the held-out failures."""
+
     workspace: Path = Path(".vitedit")
-    sparsity: float = 0.05
+    sparsity: float | str = 0.05
     experiment: ExperimentOptions = ExperimentOptions()
+    max_accuracy_drop: float = 0.5
 
     def __post_init__(self) -> None:
-        validate_density(self.sparsity)
+        if self.sparsity != "auto":
+            validate_density(self.sparsity)
+        _check_max_drop(self.max_accuracy_drop)
 
 
 @dataclass(frozen=True)
 class ReportConfig:
     workspace: Path = Path(".vitedit")
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
-    min_locality: float = 0.9
+    min_locality: float = 0.9        # the rule's bound when there is no check set
     plot: Path | None = None
     experiment: ExperimentOptions = ExperimentOptions()
+    preserve_weights: tuple[float, ...] = (1.0, 3.0, 10.0)  # swept with the local objective
+    max_accuracy_drop: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_max_drop(self.max_accuracy_drop)
+        if any(not w >= 0 for w in self.preserve_weights):
+            raise UsageError("--preserve-weights: every weight must be >= 0, e.g. --preserve-weights 1,3,10")
         if not self.sparsities:
             raise UsageError("--sparsities is empty; give e.g. --sparsities 0.01,0.05,0.1")
         for s in self.sparsities:
             validate_density(s, "--sparsities")
         if not 0.0 <= self.min_locality <= 1.0:
             raise UsageError(f"--min-locality {self.min_locality} must be in [0, 1]")
+
+
+def _check_max_drop(d: float) -> None:
+    if not d >= 0:
+        raise UsageError(f"--max-accuracy-drop {d}: give the accuracy points an edit may lose, >= 0, e.g. 0.5")
 
 
 def _check_holdout(h: float) -> None:
@@ -240,10 +274,25 @@ def default_hypernet_for(loaded: LoadedModel) -> Path | None:
     return None
 
 
-def default_locality_dir(loaded: LoadedModel) -> Path | None:
-    if loaded.name == DEFAULT_MODEL and (DEFAULT_ASSETS / "sensitive").is_dir():
-        return DEFAULT_ASSETS / "sensitive"
+def _default_asset_dir(loaded: LoadedModel, name: str) -> Path | None:
+    if loaded.name == DEFAULT_MODEL and (DEFAULT_ASSETS / name).is_dir():
+        return DEFAULT_ASSETS / name
     return None
+
+
+def default_locality_dir(loaded: LoadedModel) -> Path | None:
+    """The embedded model's sensitive set (locality)."""
+    return _default_asset_dir(loaded, "sensitive")
+
+
+def default_preserve_dir(loaded: LoadedModel) -> Path | None:
+    """The embedded model's preserve set: 1,000 in-distribution training images."""
+    return _default_asset_dir(loaded, "preserve")
+
+
+def default_check_dir(loaded: LoadedModel) -> Path | None:
+    """The embedded model's check set: its 1,000-image in-distribution test sample (labeled)."""
+    return _default_asset_dir(loaded, "test")
 
 
 # ----------------------------------------------------------------------------- locate
@@ -401,9 +450,19 @@ class _Job:
     generalization_source: str
     base: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)
+    preserve: object = None          # preserve.PreserveSet | None
+    preserve_dir: Path | None = None
+    check_dir: Path | None = None
+    notes: list = field(default_factory=list)
+    edit_images: object = None       # (B, C, H, W) preprocessed, for augmented edits
+    validation: object = None        # evaluate.EvalSets on the validation half (``--sparsity auto``)
 
 
-def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress) -> _Job:
+def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
+    """Load the workspace's model, split and scores and cache every image set at the first edited block.
+
+    ``validation``: split the generalization set (seeded, half and half) into a *validation* half,
+    used only to choose an edit (``job.validation``), and the half its figures are measured on."""
     import torch
 
     from .data import load_tensors as load_images, scan_labeled, scan_unlabeled
@@ -436,38 +495,145 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress) -> _Job
         g_batches = _image_batches([failures[i] for i in hold_rows], loaded, False, progress,
                                    "held-out failures") if hold_rows else None
         gen_source = "held-out failures"
+    v_batches = None
+    if validation:
+        if g_batches is None or len(g_batches.refs) < 2:
+            raise UsageError("--sparsity auto needs at least 2 held-out failures to choose on; give more failures, "
+                             "a larger --holdout, or a number for --sparsity")
+        perm = torch.randperm(len(g_batches.refs), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        half = len(perm) // 2
+        v_refs = [g_batches.refs[i] for i in sorted(perm[:half])]
+        m_refs = [g_batches.refs[i] for i in sorted(perm[half:])]
+        v_batches = _image_batches(v_refs, loaded, False, progress, "validation failures")
+        g_batches = _image_batches(m_refs, loaded, False, progress, "held-out failures")
+        gen_source = f"{gen_source} (the half not used to choose the sparsity)"
     g_labels = torch.tensor([r.label for r in g_batches.refs], dtype=torch.long, device=dev) if g_batches else None
 
     progress("caching activations", 0, 3)
     edit_images, _, _ = load_images([failures[i] for i in edit_rows], loaded.transform, loaded.channels)
-    edit_cache = TokenCache(loaded.model, start, edit_images.to(dev))
-    del edit_images
+    edit_images = edit_images.to(dev)
+    edit_cache = TokenCache(loaded.model, start, edit_images)
     progress("caching activations", 1, 3)
     holdout_cache = TokenCache(loaded.model, start, _stream(g_batches, dev)) if g_batches else None
     progress("caching activations", 2, 3)
     locality_dir = Path(locality) if locality is not None else default_locality_dir(loaded)
-    loc_cache, loc_base = None, None
+    loc_cache, loc_base, l_refs = None, None, []
     if locality_dir is not None:
         l_batches = _image_batches(scan_unlabeled(locality_dir), loaded, skip_bad, progress, "locality set")
         skipped += l_batches.bad
+        l_refs = l_batches.refs
         loc_cache = TokenCache(loaded.model, start, _stream(l_batches, dev))
         loc_base = loc_cache.predict()
     progress("caching activations", 3, 3)
 
-    sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base)
+    # The check set (labeled, measured only) and the preserve set (fitted on, never measured).
+    check_dir = None if opts.no_check else (Path(opts.check) if opts.check is not None else default_check_dir(loaded))
+    check_cache = check_labels = check_base = None
+    c_refs: list = []
+    if check_dir is not None:
+        c_batches = _image_batches(scan_labeled(check_dir, loaded.labels), loaded, skip_bad, progress, "check set")
+        skipped += c_batches.bad
+        c_refs = c_batches.refs
+        check_labels = torch.tensor([r.label for r in c_refs], dtype=torch.long, device=dev)
+        check_cache = TokenCache(loaded.model, start, _stream(c_batches, dev))
+        check_base = check_cache.predict()
+    preserve_dir = None if opts.no_preserve else (
+        Path(opts.preserve) if opts.preserve is not None else default_preserve_dir(loaded))
+    preserve, preserve_note = None, None
+    if preserve_dir is not None:
+        measured = {"check set (--check)": (check_dir, c_refs), "locality set (--locality)": (locality_dir, l_refs),
+                    "generalization set": (Path(generalization) if generalization else None,
+                                           g_batches.refs if g_batches else []),
+                    "failures": (Path(state["failures_dir"]), failures)}
+        p_refs = scan_unlabeled(preserve_dir)
+        check_disjoint(preserve_dir, p_refs, measured)
+        preserve, preserve_note, bad = _load_preserve(p_refs, loaded, sites, skip_bad, seed, progress)
+        skipped += bad
+
+    sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base,
+                    check_cache, check_labels, check_base)
+    val_sets = None
+    if v_batches is not None:
+        val_sets = replace(sets, holdout=TokenCache(loaded.model, start, _stream(v_batches, dev)),
+                           holdout_labels=torch.tensor([r.label for r in v_batches.refs], dtype=torch.long, device=dev))
     base_metrics = replace(sets, locality=None).measure({})  # the base model's locality is 1 by definition
-    edit_config = resolve_edit_config(loaded, opts.edit)
+    edit_config = resolve_edit_config(loaded, opts.edit, opts.objective)
+    notes = [preserve_note] if preserve_note else []
+    if preserve is None and edit_config.uses_preserve:
+        edit_config = edit_config.without_preserve()
+        notes.append("no preserve set was given (--preserve DIR: ordinary images of the model's inputs), so nothing "
+                     "held the rest of the model in place; expect a larger accuracy drop")
     return _Job(ws, state, loaded, sites, edit_cache.tokens, labels[edit_rows], sets, per_image, edit_rows, hold_rows,
                 edit_config, seed, locality_dir, gen_source,
                 # the unedited model's accuracy on the generalization set is measure({})'s generalization
                 base={"success": base_metrics.success, "generalization": base_metrics.generalization,
-                      "holdout_base_accuracy": base_metrics.generalization},
-                skipped=skipped)
+                      "holdout_base_accuracy": base_metrics.generalization,
+                      "check_accuracy": base_metrics.accuracy_before},
+                skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
+                edit_images=edit_images, validation=val_sets)
 
 
-def resolve_edit_config(loaded: LoadedModel, overrides: dict | None) -> EditConfig:
-    """Defaults in one place: the paper's EditConfig, then the model's recommendation, then the flags."""
-    return EditConfig(**{**loaded.edit_defaults, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+def check_disjoint(preserve_dir: Path, preserve_refs: Sequence["ImageRef"], measured: dict) -> None:
+    """Refuse a preserve set that is, or shares images with, a set that is measured.
+
+    ``measured`` maps a name to (folder or None, refs). The same folder (or one inside the other) is a
+    ``UsageError``; an image file with the same content in both is an ``InputDataError`` naming it.
+    A preserve image in a measurement set would be fitted to stay unchanged and then counted as
+    unchanged: the measurement would flatter the edit.
+    """
+    root = Path(preserve_dir).resolve()
+    for what, (folder, _) in measured.items():
+        if folder is None:
+            continue
+        other = Path(folder).resolve()
+        if other == root or root in other.parents or other in root.parents:
+            raise UsageError(f"--preserve {preserve_dir} is the {what} folder {folder} (or contains it): the images an "
+                             "edit is fitted to keep must not be the ones it is measured on; pass another folder")
+    hashes = {sha256_file(r.path): r.path for r in preserve_refs}
+    for what, (_, refs) in measured.items():
+        for r in refs:
+            if sha256_file(r.path) in hashes:
+                raise InputDataError(f"{r.path} in the {what} is the same image as {hashes[sha256_file(r.path)]} in the "
+                                     "preserve set; remove it from one of them (the sets must not overlap)")
+
+
+def _load_preserve(refs, loaded: LoadedModel, sites, skip_bad: bool, seed: int, progress: Progress):
+    """The preserve set as the edit needs it, within the token cache budget.
+
+    Its tokens must stay in memory (a minibatch is drawn every step), so a set too large for the
+    budget is cut to a seeded subset that fits, and a note says so.
+    """
+    import torch
+
+    from .evaluate import cache_budget_bytes
+    from .models import forward_prefix
+    from .preserve import build_preserve_set
+
+    batches = _image_batches(refs, loaded, skip_bad, progress, "preserve set")
+    dev = next(loaded.model.parameters()).device
+    start = min(s.block for s in sites)
+    chunks, note = [], None
+    with torch.inference_mode():
+        for x, _ in batches:
+            chunks.append(forward_prefix(loaded.model, x.to(dev), start))
+    tokens = torch.cat(chunks)
+    per_image = tokens[0].numel() * tokens.element_size()
+    fit = max(1, cache_budget_bytes() // max(per_image, 1))
+    if len(tokens) > fit:
+        keep = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:fit].sort().values
+        tokens = tokens[keep.to(tokens.device)]
+        note = (f"the preserve set's tokens exceed the cache budget, so a seeded {fit} of its {len(batches.refs)} "
+                "images were used (raise VITEDIT_CACHE_BUDGET_MB to use more)")
+    progress("caching preserve set", 1, 1)
+    return build_preserve_set(loaded.model, sites, tokens=tokens), note, batches.bad
+
+
+def resolve_edit_config(loaded: LoadedModel, overrides: dict | None, objective: str = "plain") -> EditConfig:
+    """Defaults in one place: the paper's EditConfig, then the objective's preset, then the model's
+    recommendation (its edit learning rate), then the flags."""
+    from .edit import objective_config
+
+    return objective_config(objective, **{**loaded.edit_defaults, **(overrides or {})})
 
 
 def _scores(job: _Job, locator: str):
@@ -481,11 +647,21 @@ def _scores(job: _Job, locator: str):
     return aggregate(per_image, job.sites, job.edit_rows, locator)
 
 
-def _edit_and_measure(job: _Job, locator: str, sparsity: float) -> tuple[dict, Patch]:
+def _edit_and_measure(job: _Job, locator: str, sparsity: float, config: EditConfig | None = None,
+                      progress: Progress = _noop, sets=None) -> tuple[dict, Patch]:
+    """One edit from the unedited model with ``config`` (default: the job's), measured on ``sets``."""
+    config = config or job.edit_config
     mask = _scores(job, locator).select(sparsity)
-    result = edit(job.loaded.model, mask, None, job.edit_labels, job.edit_config, tokens=job.edit_tokens)
-    metrics = job.sets.measure(result.patch.weights(job.loaded.model))
-    point = {"sparsity": sparsity, "locator": locator, **metrics.to_json(), "units_edited": mask.selected,
+
+    def step(done: int, total: int, loss: float) -> None:
+        progress("editing", done, total, f"loss {loss:.3f}")
+
+    result = edit(job.loaded.model, mask, job.edit_images, job.edit_labels, config, tokens=job.edit_tokens,
+                  preserve=job.preserve if config.uses_preserve else None, seed=job.seed, progress=step)
+    progress("editing", config.max_steps, config.max_steps, "done")
+    metrics = (sets or job.sets).measure(result.patch.weights(job.loaded.model))
+    point = {"sparsity": sparsity, "locator": locator, "objective": config.objective,
+             "preserve_weight": config.preserve_weight, **metrics.to_json(), "units_edited": mask.selected,
              "params_edited": result.patch.params_edited, "steps": result.steps, "converged": result.converged,
              "final_loss": round(result.final_loss, 6)}
     return point, result.patch
@@ -497,16 +673,67 @@ def _locality_note(job: _Job) -> str | None:
     return None
 
 
+def _notes(job: _Job) -> list[str]:
+    notes = list(job.notes)
+    if job.locality_dir is None:
+        notes.append(_locality_note(job))
+    if job.check_dir is None:
+        notes.append("no check set was given (--check DIR: labeled ordinary images), so the accuracy drop and flip "
+                     "rate were not measured")
+    return notes
+
+
+def _sets_info(job: _Job) -> dict:
+    sets = job.sets
+    return {
+        "holdout_images": len(sets.holdout_labels) if sets.holdout_labels is not None else 0,
+        "generalization_source": job.generalization_source,
+        "locality_images": len(sets.locality) if sets.locality is not None else 0,
+        "locality_source": str(job.locality_dir) if job.locality_dir else None,
+        "locality_note": _locality_note(job),
+        "check_images": len(sets.check_labels) if sets.check_labels is not None else 0,
+        "check_source": str(job.check_dir) if job.check_dir else None,
+        "preserve_images": len(job.preserve) if job.preserve is not None else 0,
+        "preserve_source": str(job.preserve_dir) if job.preserve is not None else None,
+        "notes": _notes(job),
+    }
+
+
+def _sweep(job: _Job, sparsities: Sequence[float], weights: Sequence[float], locators: Sequence[str],
+           progress: Progress, what: str, sets=None) -> list[dict]:
+    """Edits at every (locator, sparsity, preserve weight); random masks only at the job's weight."""
+    runs = []
+    for s in sparsities:
+        for loc in locators:
+            for w in (weights if loc == locators[0] else [job.edit_config.preserve_weight]):
+                runs.append((loc, s, replace(job.edit_config, preserve_weight=w)))
+    points = []
+    for i, (loc, s, config) in enumerate(runs):
+        progress(what, i, len(runs))
+        points.append(_edit_and_measure(job, loc, s, config, sets=sets)[0])
+    progress(what, len(runs), len(runs))
+    return points
+
+
 def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
     ws = Workspace(cfg.workspace)
     with ws.lock():
-        job = _prepare(ws, cfg.experiment, progress)
-        progress("editing", 0, 1)
-        point, patch = _edit_and_measure(job, job.state["locator"], cfg.sparsity)
-        progress("editing", 1, 1)
-        provenance = {"sparsity": cfg.sparsity, "locator": job.state["locator"], "edit_config": job.edit_config.to_json(),
-                      "seed": job.seed, "edit_images": len(job.edit_rows), "metrics": {k: point[k] for k in
-                                                                                      ("success", "generalization", "locality")}}
+        job = _prepare(ws, cfg.experiment, progress, validation=cfg.sparsity == "auto")
+        chosen = None
+        if cfg.sparsity == "auto":
+            # Choose on the validation half of the held-out failures; measure on the other half.
+            points = _sweep(job, DEFAULT_SPARSITIES, [job.edit_config.preserve_weight], [job.state["locator"]],
+                            progress, "choosing the sparsity", sets=job.validation)
+            chosen = recommend(points, job.state["locator"], cfg.max_accuracy_drop)
+            sparsity = chosen["sparsity"]
+        else:
+            sparsity = cfg.sparsity
+        point, patch = _edit_and_measure(job, job.state["locator"], sparsity, progress=progress)
+        provenance = {"sparsity": sparsity, "locator": job.state["locator"], "edit_config": job.edit_config.to_json(),
+                      "seed": job.seed, "edit_images": len(job.edit_rows),
+                      "preserve": str(job.preserve_dir) if job.preserve is not None else None,
+                      "metrics": {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before",
+                                                         "accuracy_after", "accuracy_drop", "flip_rate")}}
         patch.save(ws.path("patch.safetensors"), job.loaded.identity, provenance)
         edited_state = {k: v for k, v in job.loaded.model.state_dict().items()}
         edited_state.update(patch.weights(job.loaded.model))
@@ -517,13 +744,12 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
             **point,
             "edit_lr": job.edit_config.lr,
             "max_steps": job.edit_config.max_steps,
+            "edit_config": job.edit_config.to_json(),
             "edit_images": len(job.edit_rows),
-            "holdout_images": len(job.hold_rows) if cfg.experiment.generalization is None else (
-                len(job.sets.holdout_labels) if job.sets.holdout_labels is not None else 0),
-            "generalization_source": job.generalization_source,
-            "locality_images": len(job.sets.locality) if job.sets.locality is not None else 0,
-            "locality_source": str(job.locality_dir) if job.locality_dir else None,
-            "locality_note": _locality_note(job),
+            **_sets_info(job),
+            "auto": None if chosen is None else {
+                "rule": chosen["rule"], "qualifies": chosen["qualifies"], "validation_images": len(job.validation.holdout_labels),
+                "candidates": points},
             "base": job.base,
             "patch": str(ws.path("patch.safetensors")),
             "edited_model": str(ws.path("edited.safetensors")),
@@ -533,21 +759,46 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
     return result
 
 
-def recommend(points: Sequence[dict], locator: str, min_locality: float) -> dict:
-    """The stated rule: among ``locator``'s points with locality >= ``min_locality``, the highest
-    generalization (ties: the smaller sparsity). If none qualifies, the point with the best locality."""
+MAX_ACCURACY_DROP = 0.5  # points: the recommendation rule's bound on the check-set accuracy drop
+
+
+def recommend(points: Sequence[dict], locator: str, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+              min_locality: float | None = None) -> dict:
+    """The stated rule: among ``locator``'s edits that fix every edit image (success 100%) and lose at
+    most ``max_accuracy_drop`` points of check-set accuracy, the highest generalization (ties: the
+    smaller accuracy drop, then the smaller sparsity). Without a check set, locality >=
+    ``min_locality`` stands in for the accuracy bound (when given). If nothing qualifies: the fully
+    successful edit with the smallest accuracy drop (else the smallest drop overall), said plainly."""
     own = [p for p in points if p["locator"] == locator]
-    ok = [p for p in own if p["locality"] is None or p["locality"] >= min_locality]
+    has_check = any(p.get("accuracy_drop") is not None for p in own)
+
+    def gen(p):
+        return p["generalization"] if p["generalization"] is not None else p["success"] or 0.0
+
+    def local_enough(p):
+        if has_check:
+            return p["accuracy_drop"] <= max_accuracy_drop
+        return min_locality is None or p["locality"] is None or p["locality"] >= min_locality
+
+    bound = (f"accuracy drop <= {max_accuracy_drop:g} points" if has_check else
+             f"locality >= {min_locality:g}" if min_locality is not None else "no check set")
+    ok = [p for p in own if (p["success"] or 0) >= 1.0 and local_enough(p)]
     if ok:
-        best = max(ok, key=lambda p: (p["generalization"] if p["generalization"] is not None else p["success"] or 0.0,
-                                      -p["sparsity"]))
-        rule = (f"highest generalization among {locator} edits with locality >= {min_locality}"
-                if best["locality"] is not None else f"highest generalization among {locator} edits (no locality set)")
+        best = max(ok, key=lambda p: (gen(p), -(p.get("accuracy_drop") or 0.0), -p["sparsity"]))
+        rule = f"highest generalization among {locator} edits with success 100% and {bound}"
+        qualifies = True
     else:
-        best = max(own, key=lambda p: (p["locality"], -p["sparsity"]))
-        rule = f"no {locator} edit reached locality >= {min_locality}; chose the one with the best locality"
-    return {"sparsity": best["sparsity"], "locator": locator, "rule": rule,
-            **{k: best[k] for k in ("success", "generalization", "locality")}}
+        pool = [p for p in own if (p["success"] or 0) >= 1.0] or own
+        key = (lambda p: (p["accuracy_drop"], p["sparsity"])) if has_check else \
+            (lambda p: (-(p["locality"] if p["locality"] is not None else 1.0), p["sparsity"]))
+        best = min(pool, key=key)
+        rule = (f"no {locator} edit reached success 100% with {bound}; this is the "
+                f"{'fully successful ' if pool is not own else ''}edit with the "
+                f"{'smallest accuracy drop' if has_check else 'best locality'}")
+        qualifies = False
+    return {"sparsity": best["sparsity"], "locator": locator, "preserve_weight": best.get("preserve_weight"),
+            "rule": rule, "qualifies": qualifies,
+            **{k: best.get(k) for k in ("success", "generalization", "locality", "accuracy_drop", "flip_rate")}}
 
 
 def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
@@ -555,55 +806,64 @@ def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
     with ws.lock():
         job = _prepare(ws, cfg.experiment, progress)
         locator = job.state["locator"]
-        methods = [locator] if locator == "random" else [locator, "random"]
-        runs = [(m, s) for s in cfg.sparsities for m in methods]
-        points = []
-        for i, (m, s) in enumerate(runs):
-            progress("sweeping sparsities", i, len(runs))
-            points.append(_edit_and_measure(job, m, s)[0])
-        progress("sweeping sparsities", len(runs), len(runs))
-        rec = recommend(points, locator, cfg.min_locality)
+        locators = [locator] if locator == "random" else [locator, "random"]
+        weights = (cfg.preserve_weights if job.edit_config.preserve_weight > 0 and cfg.preserve_weights
+                   else [job.edit_config.preserve_weight])
+        points = _sweep(job, cfg.sparsities, weights, locators, progress, "sweeping sparsities")
+        rec = recommend(points, locator, cfg.max_accuracy_drop, cfg.min_locality)
         result = {
             "model": job.loaded.name,
             "locator": locator,
             "edit_images": len(job.edit_rows),
-            "holdout_images": len(job.hold_rows),
-            "generalization_source": job.generalization_source,
-            "locality_images": len(job.sets.locality) if job.sets.locality is not None else 0,
-            "locality_note": _locality_note(job),
+            **_sets_info(job),
             "edit_lr": job.edit_config.lr,
+            "edit_config": job.edit_config.to_json(),
+            "preserve_weights": list(weights),
             "base": job.base,
             "points": points,
             "recommended": rec,
             "plot": None,
         }
         if cfg.plot is not None:
-            plot_tradeoff(points, Path(cfg.plot), title=f"{job.loaded.name}: generalization vs locality")
+            plot_tradeoff(points, Path(cfg.plot), title=f"{job.loaded.name}: the trade-off of {len(job.edit_rows)}-image edits",
+                          max_accuracy_drop=cfg.max_accuracy_drop)
             result["plot"] = str(cfg.plot)
         write_json(ws.path("report.json"), result)
     return result
 
 
-def plot_tradeoff(points: Sequence[dict], out: Path, title: str) -> None:
-    """Generalization (y) vs locality (x), one curve per locator, points labelled by sparsity."""
+def plot_tradeoff(points: Sequence[dict], out: Path, title: str, max_accuracy_drop: float | None = MAX_ACCURACY_DROP) -> None:
+    """Generalization (y) against the check-set accuracy drop and against locality (x), one curve per
+    mask and preservation weight, points labelled by sparsity. A panel without data is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for loc in sorted({p["locator"] for p in points}):
-        pts = sorted((p for p in points if p["locator"] == loc), key=lambda p: p["sparsity"])
-        xs = [p["locality"] if p["locality"] is not None else float("nan") for p in pts]
-        ys = [p["generalization"] if p["generalization"] is not None else float("nan") for p in pts]
-        ax.plot(xs, ys, marker="o", label=loc)
-        for p, x, y in zip(pts, xs, ys):
-            ax.annotate(f"{p['sparsity']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("locality (share of locality set unchanged)")
-    ax.set_ylabel("generalization (held-out failures fixed)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(title="mask")
+    axes_spec = [(k, label) for k, label in (("accuracy_drop", "accuracy drop on the check set (points)"),
+                                             ("locality", "locality (share of locality set unchanged)"))
+                 if any(p.get(k) is not None for p in points)] or [("locality", "locality")]
+    fig, axes = plt.subplots(1, len(axes_spec), figsize=(6 * len(axes_spec), 4.5), dpi=120, squeeze=False)
+    curves = sorted({(p["locator"], p.get("preserve_weight") or 0.0) for p in points})
+    for ax, (key, label) in zip(axes[0], axes_spec):
+        for loc, w in curves:
+            pts = sorted((p for p in points if p["locator"] == loc and (p.get("preserve_weight") or 0.0) == w),
+                         key=lambda p: p["sparsity"])
+            xs = [p[key] if p.get(key) is not None else float("nan") for p in pts]
+            ys = [p["generalization"] if p["generalization"] is not None else float("nan") for p in pts]
+            name = loc if len({c[1] for c in curves}) == 1 else f"{loc}, preserve weight {w:g}"
+            ax.plot(xs, ys, marker="o", label=name)
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(f"{p['sparsity']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if key == "accuracy_drop" and max_accuracy_drop is not None:
+            ax.axvline(max_accuracy_drop, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"{max_accuracy_drop:g}-point bound", (max_accuracy_drop, 0.02), fontsize=7, color="grey",
+                        xytext=(3, 0), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("generalization (held-out failures fixed)")
+        ax.grid(alpha=0.3)
+        ax.legend(title="mask", fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

@@ -10,6 +10,9 @@ Assets (``vitedit/assets/fashion/``, a few MB, read-only at run time):
   with a top-2 probability gap below 0.05 (``vitedit sensitive``'s rule): the default locality set;
 - ``test/<class folder>/<test index>.png``: a seeded sample of in-distribution test images, for the
   benchmark's "drop in overall accuracy";
+- ``preserve/<class folder>/train-<train index>.png``: a seeded sample of in-distribution
+  *training* images, the default preserve set (images an edit is trained to leave alone; never used
+  for measurement, and disjoint from every test image by construction);
 - ``split.json``: the withheld train/test indices per group and the seed.
 
 It also writes (not shipped) ``<work>/metatrain/<class folder>/<train index>.png``: in-distribution
@@ -27,6 +30,7 @@ import numpy as np
 
 MIN_GROUP = 10
 TEST_SAMPLE = 1000
+PRESERVE_IMAGES = 1000
 METATRAIN_IMAGES = 12000
 
 
@@ -60,6 +64,32 @@ def write_test_images(data: dict, manifest: dict, out: Path) -> int:
         shutil.rmtree(out)
     for i in idx:
         _write_png(out / safe_label_name(LABELS[int(data["test_y"][i])]) / f"{i:05d}.png", data["test_x"][i])
+    return len(idx)
+
+
+def write_preserve(data: dict, manifest: dict, out: Path, n: int = PRESERVE_IMAGES, seed: int = 0) -> int:
+    """A seeded sample of ``n`` in-distribution training images as ``out/<class folder>/train-<index>.png``.
+
+    Training images outside every withheld group: what the model saw, so an edit that keeps them
+    keeps the model's ordinary behaviour. Replaces ``out``. Its own random stream (``seed``, "preserve"),
+    so the other assets do not change when it is rewritten.
+    """
+    import zlib
+
+    from vitedit.data import safe_label_name
+
+    from .fashion import LABELS
+
+    withheld = np.zeros(len(data["train_y"]), dtype=bool)
+    for g in manifest["groups"]:
+        withheld[g["train_indices"]] = True
+    keep = np.flatnonzero(~withheld)
+    rng = np.random.default_rng([seed, zlib.crc32(b"preserve")])
+    idx = np.sort(rng.choice(keep, size=min(n, len(keep)), replace=False))
+    if out.exists():
+        shutil.rmtree(out)
+    for i in idx:
+        _write_png(out / safe_label_name(LABELS[int(data["train_y"][i])]) / f"train-{i:05d}.png", data["train_x"][i])
     return len(idx)
 
 
@@ -125,6 +155,8 @@ def package(data: dict, manifest: dict, work: Path, assets: Path, args) -> dict:
     for i in meta_idx:
         _write_png(meta_dir / folders[int(data["train_y"][i])] / f"{i:05d}.png", data["train_x"][i])
 
+    n_preserve = write_preserve(data, manifest, assets / "preserve", seed=args.seed)
+
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(assets / "model.safetensors"))
     (assets / "labels.txt").write_text("\n".join(LABELS) + "\n")
@@ -136,6 +168,7 @@ def package(data: dict, manifest: dict, work: Path, assets: Path, args) -> dict:
         "groups_with_40_or_more_failures": sum(1 for g in groups if g["failures"] >= 40),
         "sensitive_images": int(len(sens_idx)),
         "test_sample_images": int(len(test_idx)),
+        "preserve_images": n_preserve,
     }
     train_log = (work / "train.log").read_text() if (work / "train.log").exists() else ""
     meta = {

@@ -18,6 +18,9 @@ scale, with real data (see docs/default-model.md):
 
     python -m vitedit.zoo.fashion build --work build/fashion --resume
 
+``preserve`` (also part of ``package``) rewrites only the shipped preserve set
+(``vitedit/assets/fashion/preserve/``), leaving every other asset as it is.
+
 ``test-images`` (not part of ``build``) writes every in-distribution test image to
 ``<work>/test-images/<class folder>/<test index>.png``: a pool for larger locality sets
 (``vitedit sensitive build/fashion/test-images -o DIR --margin M``).
@@ -259,7 +262,7 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitedit.zoo.fashion", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["split", "train", "restart", "package", "build", "test-images"])
+    p.add_argument("step", choices=["split", "train", "restart", "package", "build", "test-images", "preserve"])
     p.add_argument("--work", type=Path, default=Path("build/fashion"), help="working directory")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--seed", type=int, default=0)
@@ -303,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("package", "build"):
         from vitedit.zoo._package import package
         package(data, manifest, args.work, args.assets, args)
+    if args.step == "preserve":
+        from vitedit.zoo._package import write_preserve
+        n = write_preserve(data, manifest, args.assets / "preserve", seed=args.seed)
+        print(f"{n} in-distribution training images in {args.assets / 'preserve'}", flush=True)
     if args.step == "test-images":
         from vitedit.zoo._package import write_test_images
         n = write_test_images(data, manifest, args.work / "test-images")

@@ -1,0 +1,121 @@
+"""The preserve set: ordinary inputs an edit is *trained* to leave alone (method.md, "Beyond the paper").
+
+A preserve set is a folder of unlabeled in-distribution images (the embedded default ships 1,000
+training images). It is never used to measure anything: the check set (accuracy drop, flip rate),
+the locality set and the generalization set must be other images, which the pipeline enforces.
+
+This module owns what the edit needs from it, all computed once from the frozen model:
+
+- the prefix tokens at the first edited block, ``(N, T, D)``, so a preservation minibatch costs
+  only a suffix pass;
+- the base model's log-probabilities on it, ``(N, classes)``, the target of the preservation term
+  ``KL(base || edited)``;
+- per edited matrix, the uncentred second moment of its *inputs* over every token of every preserve
+  image: ``(D, D)`` for an fc1 site (the block's normalized token) and ``(H, H)`` for an fc2 site
+  (the hidden activations). These give the null-space projectors of the constrained update
+  (AlphaEdit, ICLR 2025): an update ``Delta`` of a linear map leaves its outputs on preserved inputs
+  ``K0`` unchanged when ``Delta K0 = 0``; projecting ``Delta <- Delta U U^T``, with ``U`` the
+  eigenvectors of ``K0 K0^T / n`` whose eigenvalues are below ``threshold * largest``, makes that
+  (nearly) so.
+
+For an fc1 site the update is ``(k, D)`` (k selected rows), acting on the D-dim normalized token, so
+the projector is ``(D, D)`` whatever the mask. For an fc2 site it is ``(D_out, k)``, acting on the
+selected hidden units only, so the projector is built from the ``(k, k)`` block of the second moment
+that the mask selects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from .models import Site, forward_prefix, make_suffix
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class PreserveSet:
+    """Preserve images as the edit needs them; build with :func:`build_preserve_set`."""
+
+    tokens: "torch.Tensor"                  # (N, T, D) at blocks[start]
+    base_log_probs: "torch.Tensor"          # (N, classes)
+    second_moments: dict[str, "torch.Tensor"]  # site.param -> (D, D) for fc1, (H, H) for fc2
+    start: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def projector(self, site: Site, indices: "torch.Tensor", threshold: float) -> "torch.Tensor":
+        """The right-multiplied projector onto the preserve set's (near) null space for ``site``.
+
+        fc1: (D, D), independent of ``indices``; fc2: (k, k) for the k selected hidden units.
+        ``threshold`` is relative: eigenvalues below ``threshold * largest`` span the null space.
+        """
+        import torch
+
+        moment = self.second_moments[site.param]
+        if site.matrix == "fc2":
+            idx = indices.to(moment.device)
+            moment = moment.index_select(0, idx).index_select(1, idx)
+        values, vectors = torch.linalg.eigh(moment.double())  # ascending eigenvalues
+        keep = values <= threshold * values[-1].clamp_min(0)
+        u = vectors[:, keep]
+        return (u @ u.T).to(moment.dtype)
+
+    def null_dims(self, site: Site, indices: "torch.Tensor", threshold: float) -> int:
+        """How many directions the projector for ``site`` leaves free (its rank)."""
+        return int(round(float(self.projector(site, indices, threshold).trace())))
+
+
+def input_second_moments(model: "nn.Module", sites: Sequence[Site], tokens: "torch.Tensor",
+                         batch_size: int = 256) -> dict[str, "torch.Tensor"]:
+    """Uncentred second moments of every edited matrix's inputs over all tokens: X^T X / n.
+
+    ``tokens`` (N, T, D) enter ``blocks[start]``; hooks on each site's linear layer collect its input
+    during an ordinary suffix pass, (B, T, D_in) -> (D_in, D_in) accumulated in float64.
+    """
+    import torch
+
+    start = min(s.block for s in sites)
+    suffix = make_suffix(model, start)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook_for(param: str):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (B*T, D_in)
+            sums[param] = sums.get(param, 0) + x.T @ x
+            counts[param] = counts.get(param, 0) + x.shape[0]
+        return hook
+
+    for s in sites:
+        layer = getattr(model.blocks[s.block].mlp, s.matrix)
+        handles.append(layer.register_forward_pre_hook(hook_for(s.param)))
+    try:
+        with torch.inference_mode():
+            for t in tokens.split(batch_size):
+                suffix(t)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: (sums[p] / counts[p]).float() for p in sums}
+
+
+def build_preserve_set(model: "nn.Module", sites: Sequence[Site], images: "torch.Tensor | None" = None, *,
+                       tokens: "torch.Tensor | None" = None, batch_size: int = 256) -> PreserveSet:
+    """Cache everything the edit needs from the preserve images: (N, C, H, W) or their prefix tokens."""
+    import torch
+
+    start = min(s.block for s in sites)
+    if tokens is None:
+        with torch.inference_mode():
+            tokens = torch.cat([forward_prefix(model, x, start) for x in images.split(batch_size)])
+    suffix = make_suffix(model, start)
+    with torch.inference_mode():
+        log_probs = torch.cat([torch.log_softmax(suffix(t), -1) for t in tokens.split(batch_size)])
+    moments = input_second_moments(model, sites, tokens, batch_size)
+    return PreserveSet(tokens.clone(), log_probs.clone(), moments, start)
