@@ -50,6 +50,8 @@ class EditConfig:
     - ``stop_margin``: stop when every edit image's true-class probability exceeds every other
       class's by this margin, instead of driving the loss to ``loss_threshold`` (``None`` = the
       paper's rule);
+    - ``preserve_nearest``: draw half of each preservation minibatch from the preserve images
+      nearest the edit images in feature space (this many of them), where flips happen;
     - ``augment``: also fit this many randomly shifted / mirrored views of each edit image per
       step (for generalization; the stopping rule still looks at the images themselves).
     """
@@ -63,6 +65,7 @@ class EditConfig:
     nullspace_threshold: float | None = None
     stop_margin: float | None = None
     augment: int = 0
+    preserve_nearest: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -80,6 +83,8 @@ class EditConfig:
         if self.nullspace_threshold is not None and not 0 < self.nullspace_threshold <= 1:
             raise UsageError(f"--nullspace {self.nullspace_threshold}: give a relative eigenvalue threshold in (0, 1], "
                              "e.g. 0.01, or leave it out")
+        if self.preserve_nearest < 0:
+            raise UsageError(f"--preserve-nearest {self.preserve_nearest} must be >= 0 (0 = draw from the whole set)")
         if self.augment < 0:
             raise UsageError(f"--augment {self.augment}: give the number of augmented views per edit image (0 = none)")
         if self.stop_margin is not None and not 0 <= self.stop_margin < 1:
@@ -261,16 +266,25 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
         pool = preserve.tokens.to(tokens.device)
         target = preserve.base_log_probs.to(tokens.device)
         gen = torch.Generator().manual_seed(seed)
-        order: list[int] = []
+        near: list[int] = []
+        if config.preserve_nearest:
+            with torch.no_grad():
+                near = preserve.nearest(suffix(tokens, pre_logits=True), config.preserve_nearest).tolist()
+        orders: dict[str, list[int]] = {"all": [], "near": []}
+
+    def draw(kind: str, candidates: int, n: int) -> list[int]:
+        """``n`` rows from a seeded permutation of ``range(candidates)``, reshuffled when used up."""
+        rows: list[int] = []
+        while len(rows) < min(n, candidates):
+            if not orders[kind]:
+                orders[kind] = torch.randperm(candidates, generator=gen).tolist()
+            rows.append(orders[kind].pop())
+        return rows
 
     def next_preserve_rows() -> "torch.Tensor":
-        """The next ``preserve_batch`` rows of a seeded permutation of the pool, reshuffled when used up."""
-        nonlocal order
-        rows: list[int] = []
-        while len(rows) < min(config.preserve_batch, len(pool)):
-            if not order:
-                order = torch.randperm(len(pool), generator=gen).tolist()
-            rows.append(order.pop())
+        """This step's preserve minibatch: ``preserve_batch`` rows (half of them nearest, if asked)."""
+        n_near = config.preserve_batch // 2 if near else 0
+        rows = [near[i] for i in draw("near", len(near), n_near)] + draw("all", len(pool), config.preserve_batch - n_near)
         return torch.tensor(rows, device=tokens.device)
 
     aug_gen = torch.Generator().manual_seed(seed + 1)

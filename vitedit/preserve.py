@@ -44,6 +44,17 @@ class PreserveSet:
     base_log_probs: "torch.Tensor"          # (N, classes)
     second_moments: dict[str, "torch.Tensor"]  # site.param -> (D, D) for fc1, (H, H) for fc2
     start: int
+    features: "torch.Tensor | None" = None  # (N, D) base pre-logits features, for nearest()
+
+    def nearest(self, features: "torch.Tensor", n: int) -> "torch.Tensor":
+        """Rows of the ``n`` preserve images closest (cosine, best over the given images) to
+        ``features`` (B, D): the ordinary images an edit of those images is most likely to flip."""
+        import torch
+
+        a = torch.nn.functional.normalize(self.features.to(features.device), dim=-1)
+        b = torch.nn.functional.normalize(features, dim=-1)
+        best = (a @ b.T).max(-1).values  # (N,)
+        return best.topk(min(n, len(best))).indices.sort().values
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -116,6 +127,7 @@ def build_preserve_set(model: "nn.Module", sites: Sequence[Site], images: "torch
             tokens = torch.cat([forward_prefix(model, x, start) for x in images.split(batch_size)])
     suffix = make_suffix(model, start)
     with torch.inference_mode():
+        feats = torch.cat([suffix(t, pre_logits=True) for t in tokens.split(batch_size)])  # (N, D)
         log_probs = torch.cat([torch.log_softmax(suffix(t), -1) for t in tokens.split(batch_size)])
     moments = input_second_moments(model, sites, tokens, batch_size)
-    return PreserveSet(tokens.clone(), log_probs.clone(), moments, start)
+    return PreserveSet(tokens.clone(), log_probs.clone(), moments, start, feats.clone())

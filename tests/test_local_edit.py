@@ -1,0 +1,214 @@
+"""Tests for the edit objectives that keep the rest of the model in place (vitedit.edit + vitedit.preserve).
+
+The invariants of every objective: weights outside the mask stay bit-identical, the selected slices
+change, the caller's model is untouched; preservation weight 0 without projection is the paper's
+editor step for step; the null-space projection bounds the change of a matrix's outputs on the
+preserve inputs by the eigenvalue threshold it was built with.
+
+A 4-block, width-64 random-init ViT on 32x32 images (the fixtures of test_edit), CPU, seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import small_vit
+from vitedit.edit import OBJECTIVE_PRESETS, EditConfig, augment_views, edit, objective_config
+from vitedit.errors import UsageError
+from vitedit.masks import UnitScores
+from vitedit.models import find_sites, forward_prefix, make_suffix
+from vitedit.preserve import build_preserve_set, input_second_moments
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = small_vit()
+    with torch.no_grad():
+        m.head.weight.mul_(50)  # a confident head, as in test_edit: the edit can reach its stopping rule
+    return m
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_pred = model(images).argmax(-1)
+    return images, (base_pred + 1) % 5
+
+
+@pytest.fixture(scope="module")
+def sites(model):
+    return tuple(find_sites(model, [1, 2]))
+
+
+@pytest.fixture(scope="module")
+def preserve(model, sites):
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return build_preserve_set(model, sites, images)
+
+
+def make_mask(sites, density=0.1, seed=0, only=None):
+    gen = torch.Generator().manual_seed(seed)
+    scores = {s.param: torch.rand(s.units, generator=gen) for s in sites}
+    if only is not None:  # every other site gets no unit
+        scores = {p: (v + 10 if p == only else v * 0) for p, v in scores.items()}
+    return UnitScores(sites, scores, "random").select(density)
+
+
+OBJECTIVES = {
+    "plain": EditConfig(lr=1e-3, max_steps=4),
+    "kl": EditConfig(lr=1e-3, max_steps=4, preserve_weight=3.0, preserve_batch=8),
+    "nullspace": EditConfig(lr=1e-3, max_steps=4, nullspace_threshold=0.3),
+    "margin-stop": EditConfig(lr=1e-3, max_steps=4, stop_margin=0.2),
+    "augment": EditConfig(lr=1e-3, max_steps=4, augment=1),
+    "nearest": EditConfig(lr=1e-3, max_steps=4, preserve_weight=3.0, preserve_batch=8, preserve_nearest=6),
+    "local preset": objective_config("local", lr=1e-3, max_steps=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_changes_only_the_mask_and_not_the_callers_model(model, data, sites, preserve, name):
+    images, labels = data
+    mask = make_mask(sites)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = edit(model, mask, images, labels, OBJECTIVES[name], preserve=preserve)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the caller's model is untouched
+    weights = result.patch.weights(model)
+    changed_any = False
+    for s in mask.sites:
+        base, new = before[s.param], weights[s.param]
+        outside = torch.ones(s.units, dtype=torch.bool)
+        outside[mask.indices[s.param]] = False
+        assert torch.equal(base.index_select(s.dim, outside.nonzero().squeeze(1)),
+                           new.index_select(s.dim, outside.nonzero().squeeze(1))), s.param
+        changed_any |= not torch.equal(base, new)
+    assert changed_any and result.steps >= 1
+
+
+def test_preservation_weight_zero_without_projection_is_the_plain_editor_exactly(model, data, sites, preserve):
+    images, labels = data
+    mask = make_mask(sites)
+    plain = edit(model, mask, images, labels, EditConfig(lr=1e-3, max_steps=6))
+    zero = edit(model, mask, images, labels,
+                EditConfig(lr=1e-3, max_steps=6, objective="local", preserve_weight=0.0, preserve_batch=8),
+                preserve=preserve, seed=5)
+    assert plain.losses == zero.losses and plain.steps == zero.steps
+    for p in plain.patch.new:
+        assert torch.equal(plain.patch.new[p], zero.patch.new[p]), p
+
+
+def test_preservation_term_changes_the_fit(model, data, sites, preserve):
+    """The KL term is really in the loss: the same edit with it ends elsewhere."""
+    images, labels = data
+    mask = make_mask(sites)
+    plain = edit(model, mask, images, labels, EditConfig(lr=1e-3, max_steps=6))
+    kl = edit(model, mask, images, labels, EditConfig(lr=1e-3, max_steps=6, preserve_weight=10.0, preserve_batch=8),
+              preserve=preserve)
+    assert any(not torch.equal(plain.patch.new[p], kl.patch.new[p]) for p in plain.patch.new)
+
+
+@pytest.mark.parametrize("matrix", ["fc1", "fc2"])
+def test_nullspace_projection_bounds_the_change_on_preserve_inputs(model, data, sites, preserve, matrix):
+    """For the first edited block the inputs of fc1 (and of fc2, when fc1 is not edited) are the base
+    model's, so the bound is exact: with the update D projected onto eigenvectors of S = X^T X / n
+    whose eigenvalues are <= t * max, mean over preserve tokens of |D x|^2 <= t * max * |D|_F^2.
+    Unprojected, the same edit breaks the bound (the test can fail)."""
+    images, labels = data
+    site = next(s for s in sites if s.block == 1 and s.matrix == matrix)
+    mask = make_mask(sites, density=0.1, only=site.param)
+    threshold = 0.05
+    cfg = EditConfig(lr=1e-2, max_steps=5)
+
+    def change_on_preserve(result):
+        delta = result.patch.new[site.param] - result.patch.old[site.param]  # fc1 (k, D), fc2 (D_out, k)
+        moment = preserve.second_moments[site.param]
+        if matrix == "fc2":
+            idx = mask.indices[site.param]
+            moment = moment.index_select(0, idx).index_select(1, idx)
+        mean_sq = float(torch.einsum("ij,jk,ik->", delta.double(), moment.double(), delta.double()))
+        bound = threshold * float(torch.linalg.eigvalsh(moment.double())[-1]) * float(delta.double().pow(2).sum())
+        return mean_sq, bound
+
+    projected = edit(model, mask, images, labels, EditConfig(lr=1e-2, max_steps=5, nullspace_threshold=threshold),
+                     preserve=preserve)
+    mean_sq, bound = change_on_preserve(projected)
+    assert bound > 0 and mean_sq <= bound * (1 + 1e-6) + 1e-12
+    free_sq, free_bound = change_on_preserve(edit(model, mask, images, labels, cfg))
+    assert free_sq > free_bound  # without the projection the preserve outputs move far more
+
+
+def test_second_moments_are_those_of_the_linear_inputs(model, sites, preserve):
+    """The hooked inputs of the first edited block's fc1 equal norm2(x + attn(norm1(x))) of the prefix tokens."""
+    block = model.blocks[1]
+    with torch.no_grad():
+        x = preserve.tokens
+        h = x + block.ls1(block.attn(block.norm1(x)))
+        k = block.norm2(h).reshape(-1, x.shape[-1]).double()
+    expected = (k.T @ k / len(k)).float()
+    torch.testing.assert_close(preserve.second_moments["blocks.1.mlp.fc1.weight"], expected, rtol=1e-5, atol=1e-6)
+    again = input_second_moments(model, sites, preserve.tokens)
+    for p in again:
+        torch.testing.assert_close(again[p], preserve.second_moments[p], rtol=0, atol=0)
+
+
+def test_projector_is_an_orthogonal_projection(preserve, sites):
+    for s in sites:
+        idx = torch.arange(0, s.units, 7)
+        p = preserve.projector(s, idx, 0.1)
+        torch.testing.assert_close(p @ p, p, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p, p.T, rtol=0, atol=1e-6)
+        assert 0 < preserve.null_dims(s, idx, 0.1) < p.shape[0]
+        assert preserve.null_dims(s, idx, 0.01) <= preserve.null_dims(s, idx, 0.1)  # stricter: fewer directions
+
+
+def test_margin_stop_stops_earlier_than_the_loss_rule(model, data, sites):
+    images, labels = data
+    mask = make_mask(sites, density=0.25)
+    by_loss = edit(model, mask, images, labels, EditConfig(lr=3e-3, max_steps=60))
+    by_margin = edit(model, mask, images, labels, EditConfig(lr=3e-3, max_steps=60, stop_margin=0.2))
+    assert by_margin.converged and by_margin.edit_accuracy == 1.0
+    assert by_margin.steps < by_loss.steps
+    probs = torch.softmax(make_suffix(model, 1)(forward_prefix(model, images, 1)), -1)  # base: all wrong
+    assert not bool((probs.argmax(-1) == labels).any())
+
+
+def test_the_preserve_terms_need_a_preserve_set(model, data, sites):
+    images, labels = data
+    with pytest.raises(UsageError, match="preserve"):
+        edit(model, make_mask(sites), images, labels, EditConfig(preserve_weight=1.0))
+    with pytest.raises(UsageError, match="preserve"):
+        edit(model, make_mask(sites), images, labels, EditConfig(nullspace_threshold=0.1))
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(preserve_weight=-1.0), "--preserve-weight"), (dict(nullspace_threshold=0.0), "--nullspace"),
+    (dict(nullspace_threshold=2.0), "--nullspace"), (dict(stop_margin=1.0), "--stop-margin"),
+    (dict(preserve_batch=0), "--preserve-batch"), (dict(augment=-1), "--augment"),
+    (dict(objective="gentle"), "--objective")])
+def test_edit_config_names_the_flag(kwargs, flag):
+    with pytest.raises(UsageError, match=flag):
+        EditConfig(**kwargs)
+
+
+def test_objective_presets():
+    assert objective_config("plain") == EditConfig()
+    local = objective_config("local", lr=1e-3, nullspace_threshold="off", max_steps=None)
+    assert local.objective == "local" and local.lr == 1e-3 and local.nullspace_threshold is None
+    assert local.preserve_weight == OBJECTIVE_PRESETS["local"]["preserve_weight"] > 0
+    with pytest.raises(UsageError, match="--objective"):
+        objective_config("gentle")
+
+
+def test_augmented_views_keep_shape_and_content():
+    x = torch.arange(2 * 1 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
+    views = augment_views(x, 3, torch.Generator().manual_seed(0))
+    assert views.shape == (6, 1, 28, 28)
+    again = augment_views(x, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(views, again)  # seeded
+    # each view is a shift (by at most 2 pixels) of the image or of its mirror: the centre survives
+    for v, src in zip(views, x.repeat(3, 1, 1, 1)):
+        ok = any(torch.equal(v[:, 2:-2, 2:-2], cand[:, 2 + dy:26 + dy, 2 + dx:26 + dx])
+                 for cand in (src, src.flip(-1)) for dy in range(-2, 3) for dx in range(-2, 3))
+        assert ok
