@@ -23,6 +23,7 @@ from conftest import write_images
 
 from vitedit import __version__
 from vitedit.cli import main
+from vitedit.errors import WorkspaceError
 from vitedit.workspace import Workspace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -240,7 +241,51 @@ def test_locate_usage_errors(job, tmp_path, tiny_weights, labels_file, extra, ne
                          *extra, "--json")
     assert code == 2 and out == ""
     assert needle in one_error_line(err)
-    assert not (tmp_path / "ws" / "workspace.json").exists()
+    assert not (tmp_path / "ws").exists()  # a command that fails before writing leaves no folder
+
+
+def test_a_failed_command_leaves_no_workspace_folder_behind(job, tmp_path, labels_file):
+    fresh = tmp_path / "new" / "ws"  # the parent is missing too
+    code, out, err = cli("locate", job["failures"], "--model", "test_vit", "--weights", tmp_path / "nope.safetensors",
+                         "--labels", labels_file, "-w", fresh)
+    assert code == 4 and out == ""
+    assert "not found" in one_error_line(err)
+    assert not (tmp_path / "new").exists()
+    for args in (["apply"], ["report"], ["export", tmp_path / "m.onnx"]):
+        code, _, err = cli(*args, "-w", fresh)
+        assert code == 8, (args, err)
+        assert not (tmp_path / "new").exists(), args
+
+
+def test_a_failed_command_never_removes_an_existing_workspace(job, tmp_path, labels_file):
+    ws = copy_workspace(job, tmp_path / "ws")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = {p.name: p.read_bytes() for p in ws.iterdir()}
+    for folder in (ws, empty):
+        code, _, err = cli("locate", job["failures"], "--model", "test_vit", "--weights", tmp_path / "nope.safetensors",
+                           "--labels", labels_file, "-w", folder)
+        assert code == 4, err
+    after = {p.name: p.read_bytes() for p in ws.iterdir() if p.name != "lock"}
+    assert after == before  # every file kept, byte for byte
+    assert empty.is_dir()  # a folder the user made is theirs, even when it only holds our lock file
+
+
+def test_lock_removes_only_a_folder_it_created_and_left_empty(tmp_path):
+    ws = Workspace(tmp_path / "a" / "ws")
+    with ws.lock():
+        assert (tmp_path / "a" / "ws" / "lock").is_file()
+        with pytest.raises(WorkspaceError, match="another vitedit command"):
+            with Workspace(tmp_path / "a" / "ws").lock():
+                pass
+        assert (tmp_path / "a" / "ws" / "lock").is_file()  # the refused second lock removed nothing
+    assert not (tmp_path / "a").exists()
+    with ws.lock():
+        ws.save_state({"x": 1})
+    assert ws.exists and sorted(p.name for p in ws.root.iterdir()) == ["lock", "workspace.json"]
+    with ws.lock():
+        pass
+    assert ws.exists
 
 
 def test_apply_without_locate_names_the_missing_step(tmp_path, monkeypatch):
