@@ -288,6 +288,29 @@ def test_lock_removes_only_a_folder_it_created_and_left_empty(tmp_path):
     assert ws.exists
 
 
+def test_locate_reads_the_image_size_from_the_weights_and_takes_img_size(tmp_path, failures_dir, labels_file):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=4, img_size=64)  # default 160 px
+    weights = tmp_path / "at64.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    args = ["locate", failures_dir, *model_args(weights, labels_file), "--locator", "random"]
+    res = cli_json(*args, "-w", tmp_path / "ws")
+    assert "img_size 64 (its default is 160)" in res["model_note"]
+    res = cli_json(*args, "-w", tmp_path / "ws2", "--img-size", "64")
+    assert "--img-size 64" in res["model_note"]
+    assert json.loads((tmp_path / "ws2" / "workspace.json").read_text())["model"]["img_size"] == 64
+    assert cli_json("apply", "-w", tmp_path / "ws2", "--max-steps", "1")["edit_images"] > 0  # reloads at 64 px
+
+    code, out, err = cli(*args, "-w", tmp_path / "ws3", "--img-size", "96")
+    assert code == 4 and "--img-size" in one_error_line(err)
+    code, out, err = cli("locate", failures_dir, "--img-size", "64", "-w", tmp_path / "ws3")
+    assert code == 2 and "--img-size applies to a --weights file" in one_error_line(err)
+    assert not (tmp_path / "ws3").exists()
+
+
 def test_apply_without_locate_names_the_missing_step(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("apply")
