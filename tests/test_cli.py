@@ -184,9 +184,14 @@ def test_export_of_the_edited_model(job, tmp_path):
     res = cli_json("export", tmp_path / "edited.onnx", "-w", ws)
     out = tmp_path / "edited.onnx"
     assert Path(res["path"]).resolve() == out.resolve() and out.is_file()
-    assert res["base"] is False
+    assert res["base"] is False and res["format"] == "onnx"
     assert res["max_abs_diff"] <= res["atol"] and res["top1_agreement"] == 1.0
     assert not list(tmp_path.glob("*.onnx.data"))
+
+    res = cli_json("export", tmp_path / "edited-timm", "-w", ws, "--format", "timm")
+    assert res["format"] == "timm" and res["base"] is False and res["max_abs_diff"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "edited-timm").iterdir()) == ["config.json", "model.safetensors",
+                                                                            "vitedit.json"]
 
 
 # ----------------------------------------------------------------------------- failures and exit codes

@@ -288,10 +288,13 @@ def report(
 
 @app.command()
 def export(
-    out: Path = typer.Argument(..., help="Output .onnx file (one self-contained file)."),
+    out: Path = typer.Argument(..., help="Output .onnx file (one self-contained file), or with --format timm a folder."),
     base: bool = typer.Option(False, "--base", help="Export the unedited model instead of the edited one."),
-    opset: int = typer.Option(18, "--opset"),
-    atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |ONNX - PyTorch| logit difference."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx: one verified .onnx file; timm: a folder (config.json + "
+                            "model.safetensors) that timm.create_model('local-dir:OUT', pretrained=True) loads."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (--format onnx)."),
+    atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |ONNX - PyTorch| logit difference (--format onnx; "
+                               "a timm folder must match bit for bit)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="With --base and no workspace: the model to export."),
     weights: Optional[Path] = typer.Option(None, "--weights"),
     img_size: Optional[int] = ImgSizeOpt,
@@ -299,18 +302,29 @@ def export(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Export the edited (or --base) model to ONNX and verify it against PyTorch on real images."""
-    from .export import ExportConfig
+    """Export the edited (or --base) model to ONNX (or a timm folder) and verify it against PyTorch on real images."""
     from .pipeline import ExportJob, run_export
 
     ui = UI(as_json, quiet)
+    config = None
+    if fmt == "onnx":
+        from .export import ExportConfig
+
+        config = ExportConfig(opset=opset, atol=atol)
     with ui.progress() as progress:
-        res = run_export(ExportJob(out, workspace, base, ExportConfig(opset=opset, atol=atol), model, weights,
-                                   img_size=img_size), progress)
+        res = run_export(ExportJob(out, workspace, base, config, model, weights, img_size=img_size, format=fmt),
+                         progress)
     if as_json:
         return ui.emit_json(res)
     if res["model_note"]:
         ui.note(res["model_note"])
+    if res["format"] == "timm":
+        ui.out.print(f"wrote {res['path']}/ ({'base' if res['base'] else 'edited'} model, timm folder: "
+                     f"{', '.join(res['files'])})")
+        ui.out.print(f"verified: timm.create_model('local-dir:...', pretrained=True) gives the same logits on "
+                     f"{res['num_checked']} images (max |logit diff| {res['max_abs_diff']:.1e}, top-1 agreement "
+                     f"{_pct(res['top1_agreement'])})")
+        return
     ui.out.print(f"wrote {res['path']} ({'base' if res['base'] else 'edited'} model, opset {res['opset']}, "
                  f"{res['exporter']} exporter)")
     ui.out.print(f"verified on {res['num_checked']} images: top-1 agreement {_pct(res['top1_agreement'])}, "

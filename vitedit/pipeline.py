@@ -623,16 +623,24 @@ def plot_tradeoff(points: Sequence[dict], out: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- export
 
 
+EXPORT_FORMATS = ("onnx", "timm")
+
+
 @dataclass(frozen=True)
 class ExportJob:
-    out: Path
+    out: Path                        # the .onnx file, or the folder for format "timm"
     workspace: Path = Path(".vitedit")
     base: bool = False
-    config: object = None            # export.ExportConfig
+    config: object = None            # export.ExportConfig (format "onnx" only)
     model: str | None = None         # only for --base without a workspace
     weights: Path | None = None
     max_images: int = 64
     img_size: int | None = None      # only for --base --weights without a workspace
+    format: str = "onnx"             # "onnx": one verified .onnx file; "timm": a timm local-dir: folder
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise UsageError(f"--format {self.format!r}: choose {' or '.join(EXPORT_FORMATS)}")
 
 
 def _example_images(loaded: LoadedModel, ws: Workspace, max_images: int) -> "torch.Tensor":
@@ -650,10 +658,11 @@ def _example_images(loaded: LoadedModel, ws: Workspace, max_images: int) -> "tor
 
 
 def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
-    from .export import ExportConfig, export_onnx, preprocessing_metadata
-
-    config = job.config or ExportConfig()
     ws = Workspace(job.workspace)
+    if job.format == "timm":
+        from .timm_export import check_target
+
+        check_target(job.out)  # before any model is loaded
     if job.base and not ws.exists:
         loaded = load_model(job.model, weights=job.weights, device="cpu", img_size=job.img_size)
         patch_meta = None
@@ -670,6 +679,11 @@ def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
             if not job.base:
                 patch, patch_meta = Patch.load(ws.require("patch.safetensors", "apply"), loaded.identity)
                 patch.apply(loaded.model)  # our own freshly loaded copy
+    if job.format == "timm":
+        return _export_timm(job, loaded, examples, patch_meta, progress)
+    from .export import ExportConfig, export_onnx, preprocessing_metadata
+
+    config = job.config or ExportConfig()
     meta = preprocessing_metadata(loaded.data_config, loaded.labels, loaded.channels, extra={
         "vitedit.version": __version__, "vitedit.model": loaded.name,
         "vitedit.base_weights_sha256": loaded.identity["weights_sha256"],
@@ -680,9 +694,30 @@ def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
     progress("exporting to ONNX", 0, 1)
     res = export_onnx(loaded.model, Path(job.out), examples, metadata=meta, config=config)
     progress("exporting to ONNX", 1, 1)
-    return {"path": str(res.path), "base": patch_meta is None, "opset": res.opset, "exporter": res.exporter,
+    return {"format": "onnx", "path": str(res.path), "base": patch_meta is None, "opset": res.opset,
+            "exporter": res.exporter,
             "max_abs_diff": res.max_abs_diff, "top1_agreement": res.top1_agreement, "num_checked": res.num_checked,
             "atol": config.atol, "model": loaded.name, "model_note": loaded.note}
+
+
+def _export_timm(job: ExportJob, loaded: LoadedModel, examples: "torch.Tensor", patch_meta: dict | None,
+                 progress: Progress) -> dict:
+    """The model as a folder timm loads with ``local-dir:``, verified bit-identical on ``examples``."""
+    from .timm_export import export_timm
+
+    provenance = {"vitedit_version": __version__, "model": loaded.name,
+                  "base_weights_sha256": loaded.identity["weights_sha256"], "edited": patch_meta is not None,
+                  "patch_sha256": None if patch_meta is None else patch_meta.get("sha256"),
+                  "sparsity": None if patch_meta is None else patch_meta.get("sparsity"),
+                  "input_size": list(loaded.data_config["input_size"]), "model_note": loaded.note}
+    progress("exporting a timm folder", 0, 1)
+    res = export_timm(loaded.model, Path(job.out), examples, labels=loaded.labels, data_config=loaded.data_config,
+                      provenance=provenance, source_checkpoint=loaded.source == "timm")
+    progress("exporting a timm folder", 1, 1)
+    return {"format": "timm", "path": str(res.path), "base": patch_meta is None, "files": list(res.files),
+            "max_abs_diff": res.max_abs_diff, "top1_agreement": res.top1_agreement, "num_checked": res.num_checked,
+            "model": loaded.name, "model_note": loaded.note, "load_with": f"timm.create_model('local-dir:{res.path}', "
+            "pretrained=True)"}
 
 
 # ----------------------------------------------------------------------------- sensitive set
