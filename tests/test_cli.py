@@ -479,3 +479,55 @@ def test_progress_in_a_log_reports_long_tasks_by_tenths_and_quick_ones_not_at_al
     assert not any(line.startswith("quick") for line in lines)
     assert lines[0] == "slow: 30/100 (30s)" and lines[-1] == "slow: 100/100 (100s)"
     assert len(lines) == 8  # tenths 3..10, once each
+
+
+# ----------------------------------------------------------------------------- the fast console script
+
+
+def test_the_stored_help_is_what_typer_prints(monkeypatch):
+    from vitedit import launcher
+
+    monkeypatch.setattr(sys, "argv", ["vitedit"])
+    monkeypatch.setenv("COLUMNS", "120")
+    cached = launcher.cached_help()
+    assert cached is not None, ("vitedit/help.txt is stale: regenerate it with "
+                                "`python -c \"import vitedit.launcher as l; l.write_help()\"`")
+    assert cached == launcher.render_help()
+
+
+LAUNCH = (
+    "import sys\n"
+    "sys.argv[0] = 'vitedit'\n"
+    "from vitedit.launcher import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "finally:\n"
+    "    sys.stderr.write('TYPER=' + str('typer' in sys.modules))\n"
+)
+TYPER = "import sys\nsys.argv[0] = 'vitedit'\nfrom vitedit.cli import main\nmain(sys.argv[1:])\n"
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["--version"]])
+@pytest.mark.parametrize("columns", ["100", "60"])
+def test_launcher_answers_help_and_version_like_typer(args, columns):
+    env = {**os.environ, "COLUMNS": columns}
+    fast = subprocess.run([sys.executable, "-c", LAUNCH, *args], capture_output=True, text=True, timeout=60, env=env)
+    slow = subprocess.run([sys.executable, "-c", TYPER, *args], capture_output=True, text=True, timeout=60, env=env)
+    fast_err, _, typer_loaded = fast.stderr.rpartition("TYPER=")
+    assert (fast.returncode, fast.stdout, fast_err) == (slow.returncode, slow.stdout, slow.stderr)
+    assert fast.returncode == (2 if not args else 0)
+    assert typer_loaded == str(columns == "60" and args != ["--version"])  # narrow terminals: typer renders
+
+
+def test_launcher_hands_other_commands_to_typer_and_refuses_a_stale_help(tmp_path, monkeypatch):
+    from vitedit import launcher
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        launcher.main(["apply", "--sparsity", "0", "-w", str(tmp_path / "ws")])
+    assert e.value.code == 2 and "--sparsity" in one_error_line(err.getvalue())
+    stale = tmp_path / "help.txt"
+    stale.write_text(launcher.HEADER + "00000000\nUsage: vitedit [OPTIONS]\n")
+    monkeypatch.setattr(launcher, "HELP_FILE", str(stale))
+    monkeypatch.setenv("COLUMNS", "100")
+    assert launcher.cached_help() is None
