@@ -23,6 +23,7 @@ from conftest import write_images
 
 from vitedit import __version__
 from vitedit.cli import main
+from vitedit.errors import WorkspaceError
 from vitedit.workspace import Workspace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -183,9 +184,14 @@ def test_export_of_the_edited_model(job, tmp_path):
     res = cli_json("export", tmp_path / "edited.onnx", "-w", ws)
     out = tmp_path / "edited.onnx"
     assert Path(res["path"]).resolve() == out.resolve() and out.is_file()
-    assert res["base"] is False
+    assert res["base"] is False and res["format"] == "onnx"
     assert res["max_abs_diff"] <= res["atol"] and res["top1_agreement"] == 1.0
     assert not list(tmp_path.glob("*.onnx.data"))
+
+    res = cli_json("export", tmp_path / "edited-timm", "-w", ws, "--format", "timm")
+    assert res["format"] == "timm" and res["base"] is False and res["max_abs_diff"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "edited-timm").iterdir()) == ["config.json", "model.safetensors",
+                                                                            "vitedit.json"]
 
 
 # ----------------------------------------------------------------------------- failures and exit codes
@@ -240,7 +246,74 @@ def test_locate_usage_errors(job, tmp_path, tiny_weights, labels_file, extra, ne
                          *extra, "--json")
     assert code == 2 and out == ""
     assert needle in one_error_line(err)
-    assert not (tmp_path / "ws" / "workspace.json").exists()
+    assert not (tmp_path / "ws").exists()  # a command that fails before writing leaves no folder
+
+
+def test_a_failed_command_leaves_no_workspace_folder_behind(job, tmp_path, labels_file):
+    fresh = tmp_path / "new" / "ws"  # the parent is missing too
+    code, out, err = cli("locate", job["failures"], "--model", "test_vit", "--weights", tmp_path / "nope.safetensors",
+                         "--labels", labels_file, "-w", fresh)
+    assert code == 4 and out == ""
+    assert "not found" in one_error_line(err)
+    assert not (tmp_path / "new").exists()
+    for args in (["apply"], ["report"], ["export", tmp_path / "m.onnx"]):
+        code, _, err = cli(*args, "-w", fresh)
+        assert code == 8, (args, err)
+        assert not (tmp_path / "new").exists(), args
+
+
+def test_a_failed_command_never_removes_an_existing_workspace(job, tmp_path, labels_file):
+    ws = copy_workspace(job, tmp_path / "ws")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = {p.name: p.read_bytes() for p in ws.iterdir()}
+    for folder in (ws, empty):
+        code, _, err = cli("locate", job["failures"], "--model", "test_vit", "--weights", tmp_path / "nope.safetensors",
+                           "--labels", labels_file, "-w", folder)
+        assert code == 4, err
+    after = {p.name: p.read_bytes() for p in ws.iterdir() if p.name != "lock"}
+    assert after == before  # every file kept, byte for byte
+    assert empty.is_dir()  # a folder the user made is theirs, even when it only holds our lock file
+
+
+def test_lock_removes_only_a_folder_it_created_and_left_empty(tmp_path):
+    ws = Workspace(tmp_path / "a" / "ws")
+    with ws.lock():
+        assert (tmp_path / "a" / "ws" / "lock").is_file()
+        with pytest.raises(WorkspaceError, match="another vitedit command"):
+            with Workspace(tmp_path / "a" / "ws").lock():
+                pass
+        assert (tmp_path / "a" / "ws" / "lock").is_file()  # the refused second lock removed nothing
+    assert not (tmp_path / "a").exists()
+    with ws.lock():
+        ws.save_state({"x": 1})
+    assert ws.exists and sorted(p.name for p in ws.root.iterdir()) == ["lock", "workspace.json"]
+    with ws.lock():
+        pass
+    assert ws.exists
+
+
+def test_locate_reads_the_image_size_from_the_weights_and_takes_img_size(tmp_path, failures_dir, labels_file):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=4, img_size=64)  # default 160 px
+    weights = tmp_path / "at64.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    args = ["locate", failures_dir, *model_args(weights, labels_file), "--locator", "random"]
+    res = cli_json(*args, "-w", tmp_path / "ws")
+    assert "img_size 64 (its default is 160)" in res["model_note"]
+    res = cli_json(*args, "-w", tmp_path / "ws2", "--img-size", "64")
+    assert "--img-size 64" in res["model_note"]
+    assert json.loads((tmp_path / "ws2" / "workspace.json").read_text())["model"]["img_size"] == 64
+    assert cli_json("apply", "-w", tmp_path / "ws2", "--max-steps", "1")["edit_images"] > 0  # reloads at 64 px
+
+    code, out, err = cli(*args, "-w", tmp_path / "ws3", "--img-size", "96")
+    assert code == 4 and "--img-size" in one_error_line(err)
+    code, out, err = cli("locate", failures_dir, "--img-size", "64", "-w", tmp_path / "ws3")
+    assert code == 2 and "--img-size applies to a --weights file" in one_error_line(err)
+    assert not (tmp_path / "ws3").exists()
 
 
 def test_apply_without_locate_names_the_missing_step(tmp_path, monkeypatch):
@@ -406,3 +479,55 @@ def test_progress_in_a_log_reports_long_tasks_by_tenths_and_quick_ones_not_at_al
     assert not any(line.startswith("quick") for line in lines)
     assert lines[0] == "slow: 30/100 (30s)" and lines[-1] == "slow: 100/100 (100s)"
     assert len(lines) == 8  # tenths 3..10, once each
+
+
+# ----------------------------------------------------------------------------- the fast console script
+
+
+def test_the_stored_help_is_what_typer_prints(monkeypatch):
+    from vitedit import launcher
+
+    monkeypatch.setattr(sys, "argv", ["vitedit"])
+    monkeypatch.setenv("COLUMNS", "120")
+    cached = launcher.cached_help()
+    assert cached is not None, ("vitedit/help.txt is stale: regenerate it with "
+                                "`python -c \"import vitedit.launcher as l; l.write_help()\"`")
+    assert cached == launcher.render_help()
+
+
+LAUNCH = (
+    "import sys\n"
+    "sys.argv[0] = 'vitedit'\n"
+    "from vitedit.launcher import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "finally:\n"
+    "    sys.stderr.write('TYPER=' + str('typer' in sys.modules))\n"
+)
+TYPER = "import sys\nsys.argv[0] = 'vitedit'\nfrom vitedit.cli import main\nmain(sys.argv[1:])\n"
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["--version"]])
+@pytest.mark.parametrize("columns", ["100", "60"])
+def test_launcher_answers_help_and_version_like_typer(args, columns):
+    env = {**os.environ, "COLUMNS": columns}
+    fast = subprocess.run([sys.executable, "-c", LAUNCH, *args], capture_output=True, text=True, timeout=60, env=env)
+    slow = subprocess.run([sys.executable, "-c", TYPER, *args], capture_output=True, text=True, timeout=60, env=env)
+    fast_err, _, typer_loaded = fast.stderr.rpartition("TYPER=")
+    assert (fast.returncode, fast.stdout, fast_err) == (slow.returncode, slow.stdout, slow.stderr)
+    assert fast.returncode == (2 if not args else 0)
+    assert typer_loaded == str(columns == "60" and args != ["--version"])  # narrow terminals: typer renders
+
+
+def test_launcher_hands_other_commands_to_typer_and_refuses_a_stale_help(tmp_path, monkeypatch):
+    from vitedit import launcher
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        launcher.main(["apply", "--sparsity", "0", "-w", str(tmp_path / "ws")])
+    assert e.value.code == 2 and "--sparsity" in one_error_line(err.getvalue())
+    stale = tmp_path / "help.txt"
+    stale.write_text(launcher.HEADER + "00000000\nUsage: vitedit [OPTIONS]\n")
+    monkeypatch.setattr(launcher, "HELP_FILE", str(stale))
+    monkeypatch.setenv("COLUMNS", "100")
+    assert launcher.cached_help() is None

@@ -349,3 +349,128 @@ def test_read_metadata_errors(tmp_path):
     junk.write_bytes(b"\xff\x00 not a protobuf \x12\x34" * 10)
     with pytest.raises(ArtifactError, match="not a readable ONNX file"):
         read_metadata(junk)
+
+
+# --- export to a timm folder (`vitedit export DIR --format timm`) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def edited_workspace(tmp_path_factory, tiny_weights, labels_file):
+    """locate -> apply on timm's test_vit (random locator, a few steps): a workspace with a real patch."""
+    from conftest import write_images
+
+    from vitedit.pipeline import ApplyConfig, ExperimentOptions, LocateConfig, ModelOptions, run_apply, run_locate
+
+    root = tmp_path_factory.mktemp("timm-export")
+    failures = write_images(root / "failures", {"cat": 4, "dog": 4, "ship": 4}, seed=3)
+    ws = root / "ws"
+    run_locate(LocateConfig(failures, ModelOptions("test_vit", tiny_weights, labels_file, "cpu"), locator="random",
+                            workspace=ws))
+    run_apply(ApplyConfig(ws, 0.25, ExperimentOptions({"lr": 1e-3, "max_steps": 3}, device="cpu")))
+    return ws
+
+
+def test_timm_folder_loads_back_as_the_edited_model(edited_workspace, tmp_path, tiny_weights, labels_file):
+    import timm
+    from timm.data import resolve_model_data_config
+
+    from conftest import CLASSES
+    from vitedit.models import load_model
+    from vitedit.pipeline import ExportJob, run_export
+
+    out = tmp_path / "edited-timm"
+    res = run_export(ExportJob(out, edited_workspace, format="timm"))
+    assert res["format"] == "timm" and res["base"] is False and Path(res["path"]) == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vitedit.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited-timm"]  # no temp folder left
+    assert res["max_abs_diff"] == 0.0 and res["top1_agreement"] == 1.0 and res["num_checked"] > 0
+
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    edited = load_model("test_vit", weights=edited_workspace / "edited.safetensors", labels_file=labels_file)
+    base = load_model("test_vit", weights=tiny_weights, labels_file=labels_file)
+    x = images(4, 3, 160, seed=20)
+    with torch.no_grad():
+        got, want = reloaded(x), edited.model(x)
+        assert torch.equal(got, want)
+        assert not torch.equal(got, base.model(x))  # it is the edited model, not the base one
+    assert reloaded.pretrained_cfg["label_names"] == CLASSES
+    data = resolve_model_data_config(reloaded)
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"):
+        assert tuple(np.atleast_1d(data[key])) == tuple(np.atleast_1d(edited.data_config[key])), key
+
+    prov = json.loads((out / "vitedit.json").read_text())
+    patch_meta = json.loads((edited_workspace / "patch.json").read_text())
+    assert prov["edited"] is True and prov["model"] == "test_vit" and prov["sparsity"] == 0.25
+    assert prov["patch_sha256"] == patch_meta["sha256"]
+    assert prov["base_weights_sha256"] == base.weights_sha256
+
+
+def test_timm_folder_of_the_embedded_default_keeps_its_constructor_args_and_preprocessing(tmp_path):
+    import timm
+    from timm.data import resolve_model_data_config
+
+    from vitedit.models import DEFAULT_ASSETS, load_model
+    from vitedit.pipeline import ExportJob, run_export
+
+    res = run_export(ExportJob(tmp_path / "fashion", base=True, format="timm", workspace=tmp_path / "no-ws"))
+    assert res["base"] is True and res["num_checked"] == 53 and res["max_abs_diff"] == 0.0  # the bundled set
+    config = json.loads((tmp_path / "fashion" / "config.json").read_text())
+    meta = json.loads((DEFAULT_ASSETS / "model.json").read_text())
+    assert config["architecture"] == meta["architecture"]
+    args = {**meta["model_kwargs"], "img_size": [28, 28]}
+    assert {k: config["model_args"][k] for k in args} == args
+    assert "tag" not in config["pretrained_cfg"]  # vit_tiny_patch16_224's default tag does not describe these weights
+
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'fashion'}", pretrained=True).eval()
+    default = load_model(None)
+    assert reloaded.pretrained_cfg["label_names"] == default.labels == meta["labels"]
+    data = resolve_model_data_config(reloaded)
+    assert tuple(data["input_size"]) == (1, 28, 28)
+    assert list(data["mean"]) == [0.286] and list(data["std"]) == [0.353]
+    x = images(3, 1, 28, seed=21)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), default.model(x))
+
+
+def test_timm_export_replaces_its_own_folder_and_never_a_foreign_one(tmp_path):
+    from vitedit.pipeline import ExportJob, run_export
+
+    out = tmp_path / "m"
+    job = ExportJob(out, base=True, format="timm", workspace=tmp_path / "no-ws", max_images=4)
+    run_export(job)
+    (out / "model.safetensors").write_bytes(b"stale")
+    run_export(job)  # a previous vitedit timm export is replaced
+    assert (out / "model.safetensors").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="not empty and not a vitedit timm export"):
+        run_export(ExportJob(foreign, base=True, format="timm", workspace=tmp_path / "no-ws"))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        run_export(ExportJob(tmp_path / "file", base=True, format="timm", workspace=tmp_path / "no-ws"))
+    with pytest.raises(UsageError, match="--format 'tflite': choose onnx or timm"):
+        ExportJob(out, format="tflite")
+
+
+def test_a_timm_folder_that_does_not_reload_identically_is_never_put_in_place(tmp_path, monkeypatch):
+    from vitedit import timm_export
+    from vitedit.pipeline import ExportJob, run_export
+
+    real = timm_export._write_folder
+
+    def corrupting(model, folder, *args):
+        real(model, folder, *args)
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(folder / "model.safetensors"))
+        state["head.bias"] = state["head.bias"] + 1.0
+        save_file(state, str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(timm_export, "_write_folder", corrupting)
+    with pytest.raises(VerificationError, match="bit-identical"):
+        run_export(ExportJob(tmp_path / "m", base=True, format="timm", workspace=tmp_path / "no-ws", max_images=4))
+    assert list(tmp_path.iterdir()) == []

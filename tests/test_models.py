@@ -274,3 +274,75 @@ def test_local_dir_name_loads_through_timm_with_its_label_names(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
     with pytest.raises(ModelError, match="folder not found"):
         load_model(f"local-dir:{tmp_path / 'missing'}")
+
+
+# ----------------------------------------------------------------------------- image size of a weights file
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name, size, prefix_in_pos", [
+    ("test_vit", 64, 1),                          # class token with a position (default 160 px)
+    ("vit_small_patch14_dinov2", 224, 1),         # the case: a 224 px checkpoint, default 518 px
+    ("vit_small_patch14_reg4_dinov2", 224, 0),    # no_embed_class: the 1 + 4 prefix tokens have no position
+])
+def test_weights_load_at_the_image_size_they_were_trained_at(tmp_path, name, size, prefix_in_pos):
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, img_size=size).eval()
+    assert ref.pos_embed.shape[1] == (size // ref.patch_embed.patch_size[0]) ** 2 + prefix_in_pos
+    default = timm.create_model(name, pretrained=False).pretrained_cfg["input_size"][-1]
+    assert default != size
+    loaded = load_model(name, weights=save_weights(ref, tmp_path / "model.safetensors"))
+
+    assert loaded.data_config["input_size"] == (3, size, size)  # preprocessing follows the weights
+    assert f"img_size {size} (its default is {default})" in loaded.note
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), ref(x))
+    explicit = load_model(name, weights=tmp_path / "model.safetensors", img_size=size)
+    assert explicit.weights_sha256 == loaded.weights_sha256 and "--img-size" in explicit.note
+
+
+def test_weights_at_the_default_size_have_no_note(loaded):
+    assert loaded.note is None and loaded.data_config["input_size"] == (3, 160, 160)
+
+
+def test_an_img_size_that_does_not_fit_the_weights_names_img_size(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    path = save_weights(timm.create_model("test_vit", pretrained=False, img_size=64), tmp_path / "m.safetensors")
+    with pytest.raises(ModelError, match=r"at img_size 96: .*pos_embed: \(1, 17, 64\) in the file, \(1, 37, 64\) "
+                                         r"in the model\); .*--img-size N") as e:
+        load_model("test_vit", weights=path, img_size=96)
+    assert "\n" not in str(e.value)
+
+
+def test_a_position_grid_that_is_not_square_names_img_size(tmp_path):
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    path = save_weights(timm.create_model("test_vit", pretrained=False, img_size=64), tmp_path / "m.safetensors")
+    state = load_file(str(path))
+    state["pos_embed"] = state["pos_embed"][:, :16]  # 1 class token + 15 positions
+    save_file(state, str(path))
+    with pytest.raises(ModelError, match=r"15 patch positions after 1 prefix token\(s\), which is not a square grid; "
+                                         r"pass --img-size N"):
+        load_model("test_vit", weights=path)
+
+
+@pytest.mark.parametrize("kwargs", [dict(name="test_vit"), dict(name=None), dict(name="test_vit", img_size=0)])
+def test_img_size_needs_a_weights_file_and_a_positive_size(tiny_weights, kwargs):
+    name = kwargs.pop("name")
+    if "img_size" in kwargs:
+        kwargs["weights"] = tiny_weights
+    with pytest.raises(UsageError, match="--img-size"):
+        load_model(name, **{"img_size": 224, **kwargs})

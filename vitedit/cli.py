@@ -41,6 +41,8 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mp
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Continue without unreadable images (they are listed).")
+ImgSizeOpt = typer.Option(None, "--img-size", help="With --weights: the image size (px) the file was trained at. "
+                          "Default: read from its position embedding.")
 
 
 LOG_PROGRESS_AFTER = 30.0  # seconds a task runs before it reports progress in a log (stderr not a terminal)
@@ -200,6 +202,7 @@ def locate(
     failures: Path = typer.Argument(..., help="Folder with one sub-folder per TRUE class (name or index) of images the model gets wrong."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="timm model name (with tag), hf-hub:/local-dir: name. Default: the embedded vitedit/fashion-vit."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file for --model (safetensors or a weights-only torch state dict)."),
+    img_size: Optional[int] = ImgSizeOpt,
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class names, one per line (when the model has none)."),
     locator: str = typer.Option("auto", "--locator", help="hypernet, gradient, random or bilevel (meta-training's mask search on each failure, with its label); "
                                  "auto = hypernet when one is available, else gradient."),
@@ -219,12 +222,14 @@ def locate(
     from .pipeline import LocateConfig, ModelOptions, run_locate
 
     ui = UI(as_json, quiet)
-    cfg = LocateConfig(failures, ModelOptions(model, weights, labels, device, offline or None), locator, hypernet,
+    cfg = LocateConfig(failures, ModelOptions(model, weights, labels, device, offline or None, img_size), locator, hypernet,
                        blocks, holdout, seed, workspace, skip_bad_images, edit_images)
     with ui.progress() as progress:
         res = run_locate(cfg, progress)
     if as_json:
         return ui.emit_json(res)
+    if res["model_note"]:
+        ui.note(res["model_note"])
     if res["note"]:
         ui.note(res["note"])
     if res["skipped_bad_images"]:
@@ -375,25 +380,43 @@ def _report_table(ui: "UI", res: dict, title: str | None = None) -> None:
 
 @app.command()
 def export(
-    out: Path = typer.Argument(..., help="Output .onnx file (one self-contained file)."),
+    out: Path = typer.Argument(..., help="Output .onnx file (one self-contained file), or with --format timm a folder."),
     base: bool = typer.Option(False, "--base", help="Export the unedited model instead of the edited one."),
-    opset: int = typer.Option(18, "--opset"),
-    atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |ONNX - PyTorch| logit difference."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx: one verified .onnx file; timm: a folder (config.json + "
+                            "model.safetensors) that timm.create_model('local-dir:OUT', pretrained=True) loads."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (--format onnx)."),
+    atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |ONNX - PyTorch| logit difference (--format onnx; "
+                               "a timm folder must match bit for bit)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="With --base and no workspace: the model to export."),
     weights: Optional[Path] = typer.Option(None, "--weights"),
+    img_size: Optional[int] = ImgSizeOpt,
     workspace: Path = WorkspaceOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Export the edited (or --base) model to ONNX and verify it against PyTorch on real images."""
-    from .export import ExportConfig
+    """Export the edited (or --base) model to ONNX (or a timm folder) and verify it against PyTorch on real images."""
     from .pipeline import ExportJob, run_export
 
     ui = UI(as_json, quiet)
+    config = None
+    if fmt == "onnx":
+        from .export import ExportConfig
+
+        config = ExportConfig(opset=opset, atol=atol)
     with ui.progress() as progress:
-        res = run_export(ExportJob(out, workspace, base, ExportConfig(opset=opset, atol=atol), model, weights), progress)
+        res = run_export(ExportJob(out, workspace, base, config, model, weights, img_size=img_size, format=fmt),
+                         progress)
     if as_json:
         return ui.emit_json(res)
+    if res["model_note"]:
+        ui.note(res["model_note"])
+    if res["format"] == "timm":
+        ui.out.print(f"wrote {res['path']}/ ({'base' if res['base'] else 'edited'} model, timm folder: "
+                     f"{', '.join(res['files'])})")
+        ui.out.print(f"verified: timm.create_model('local-dir:...', pretrained=True) gives the same logits on "
+                     f"{res['num_checked']} images (max |logit diff| {res['max_abs_diff']:.1e}, top-1 agreement "
+                     f"{_pct(res['top1_agreement'])})")
+        return
     ui.out.print(f"wrote {res['path']} ({'base' if res['base'] else 'edited'} model, opset {res['opset']}, "
                  f"{res['exporter']} exporter)")
     ui.out.print(f"verified on {res['num_checked']} images: top-1 agreement {_pct(res['top1_agreement'])}, "
@@ -407,6 +430,7 @@ def sensitive(
     margin: float = typer.Option(0.05, "--margin", help="Keep correct images whose top-2 probability gap is below this."),
     model: Optional[str] = typer.Option(None, "--model", "-m"),
     weights: Optional[Path] = typer.Option(None, "--weights"),
+    img_size: Optional[int] = ImgSizeOpt,
     labels: Optional[Path] = typer.Option(None, "--labels"),
     skip_bad_images: bool = SkipBadOpt,
     device: str = DeviceOpt,
@@ -419,10 +443,13 @@ def sensitive(
 
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
-        res = run_sensitive(SensitiveConfig(images, out, margin, ModelOptions(model, weights, labels, device),
+        res = run_sensitive(SensitiveConfig(images, out, margin, ModelOptions(model, weights, labels, device,
+                                                                          img_size=img_size),
                                             skip_bad_images), progress)
     if as_json:
         return ui.emit_json(res)
+    if res["model_note"]:
+        ui.note(res["model_note"])
     ui.out.print(f"{res['selected']} of {res['images']} images are sensitive (correct, top-2 gap < {margin:g}); "
                  f"copied to {res['out']}")
 

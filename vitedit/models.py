@@ -2,7 +2,8 @@
 
 It owns
 - loading a ViT from any timm name (with pretrained tag), ``hf-hub:``/``local-dir:`` names, a name plus
-  a local weights file, or the embedded default (``vitedit/fashion-vit``);
+  a local weights file (created at the image size its position embedding was trained at, or at
+  ``--img-size``), or the embedded default (``vitedit/fashion-vit``);
 - the model's identity (name + a hash of its weights), class names and preprocessing;
 - the *editable sites* (paper Sec. 3: the MLP of a few late-middle blocks; one mask unit per hidden
   neuron: a row of ``fc1.weight`` or a column of ``fc2.weight``), found by walking ``model.blocks``;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -176,6 +178,7 @@ class LoadedModel:
     source: str  # "default", "timm", "weights-file"
     weights_file: str | None = None
     edit_defaults: dict = field(default_factory=dict)
+    note: str | None = None  # how the model was built when it is not the obvious way (e.g. an inferred img_size)
 
     @cached_property
     def weights_sha256(self) -> str:
@@ -235,8 +238,12 @@ def _freeze(model: "nn.Module") -> "nn.Module":
     return model
 
 
-def _check_split(model: "nn.Module") -> None:
-    """Refuse models whose forward is not embed -> blocks -> norm -> head (the split would lie)."""
+def _check_split(model: "nn.Module", input_size: Sequence[int]) -> None:
+    """Refuse models whose forward is not embed -> blocks -> norm -> head (the split would lie).
+
+    ``input_size`` is (C, H, W) from the model's data config (not ``pretrained_cfg``, which keeps the
+    source checkpoint's size when the model was created at another one).
+    """
     import torch
 
     for attr in ("blocks", "forward_features", "forward_head", "norm"):
@@ -244,8 +251,7 @@ def _check_split(model: "nn.Module") -> None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no `{attr}`; vitedit supports timm Vision Transformers "
                 "(VisionTransformer and its variants with `blocks`, `norm`, `forward_head`)")
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = cfg.get("input_size") or (3, 224, 224)
+    size = tuple(int(v) for v in input_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, *size, generator=gen)
     start = len(model.blocks) // 2
@@ -343,18 +349,29 @@ def _suggest_models(name: str) -> str:
 
 
 def load_model(name: str | None = None, *, weights: Path | None = None, labels_file: Path | None = None,
-               device: str = "cpu", offline: bool | None = None) -> LoadedModel:
-    """Load and freeze a ViT. ``name=None`` is the embedded default."""
+               device: str = "cpu", offline: bool | None = None, img_size: int | None = None) -> LoadedModel:
+    """Load and freeze a ViT. ``name=None`` is the embedded default.
+
+    With a weights file the model is created at the image size the file's position embedding was
+    trained at (``LoadedModel.note`` says so when that is not the architecture's default), or at
+    ``img_size`` when given.
+    """
+    if img_size is not None:
+        if weights is None:
+            raise UsageError("--img-size applies to a --weights file (the size it was trained at); drop it, "
+                             "or pass --model NAME --weights FILE")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise UsageError(f"--img-size {img_size!r}: give the image side in pixels, e.g. --img-size 224")
     if name is None or name == DEFAULT_MODEL:
         if weights is not None:
             raise UsageError("--weights needs --model NAME naming the timm architecture of that file")
         loaded = _load_default(labels_file)
     elif weights is not None:
-        loaded = _load_with_weights(name, Path(weights), labels_file)
+        loaded = _load_with_weights(name, Path(weights), labels_file, img_size)
     else:
         loaded = _load_timm(name, labels_file, offline)
     _freeze(loaded.model)
-    _check_split(loaded.model)
+    _check_split(loaded.model, loaded.data_config["input_size"])
     find_sites(loaded.model, default_blocks(loaded.depth))
     return loaded.to(device)
 
@@ -385,20 +402,36 @@ def _load_default(labels_file: Path | None) -> LoadedModel:
                        resolve_model_data_config(model), "default", edit_defaults=meta.get("edit_defaults", {}))
 
 
-def _load_with_weights(name: str, path: Path, labels_file: Path | None) -> LoadedModel:
+def _load_with_weights(name: str, path: Path, labels_file: Path | None, img_size: int | None = None) -> LoadedModel:
     state = read_state_dict(path)
     kwargs: dict[str, Any] = {}
     head = state.get("head.weight")
     if head is not None and head.ndim == 2:
         kwargs["num_classes"] = int(head.shape[0])
-    model = _create(name, pretrained=False, **kwargs)
+    note = None
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+        model = _create(name, pretrained=False, **kwargs)
+        note = f"{name} created at --img-size {img_size}"
+    else:
+        model = _create(name, pretrained=False, **kwargs)
+        inferred = checkpoint_img_size(model, state, f"--weights {path}")
+        if inferred is not None:
+            default = _img_size_of(model)
+            kwargs["img_size"] = inferred
+            model = _create(name, pretrained=False, **kwargs)
+            note = (f"{name} created at img_size {_size_text(inferred)} (its default is {default}): the "
+                    f"position embedding in {path.name} is a grid for that size; pass --img-size N to choose another")
     own = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if wrong_shape:
         k = wrong_shape[0]
-        raise ModelError(f"--weights {path} does not fit {name}: {len(wrong_shape)} tensors have other shapes (e.g. {k}: "
-                         f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model); pass the --model it "
-                         "was trained as")
+        fix = ("pass the --model it was trained as, or --img-size N with the image size it was trained at"
+               if k == "pos_embed" else "pass the --model it was trained as")
+        raise ModelError(f"--weights {path} does not fit {name}"
+                         f"{' at img_size ' + _size_text(kwargs['img_size']) if 'img_size' in kwargs else ''}: "
+                         f"{len(wrong_shape)} tensors have other shapes (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                         f"{tuple(own[k].shape)} in the model); {fix}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -410,8 +443,54 @@ def _load_with_weights(name: str, path: Path, labels_file: Path | None) -> Loade
                          "trained as")
     from timm.data import resolve_model_data_config
 
-    return LoadedModel(model, name, _labels_for(model, labels_file), resolve_model_data_config(model),
-                       "weights-file", weights_file=str(path))
+    data_args = None
+    if "img_size" in kwargs:  # pretrained_cfg keeps the architecture's default size; preprocess at the real one
+        h, w = _pair(kwargs["img_size"])
+        data_args = {"input_size": (int(getattr(model, "in_chans", 3)), h, w)}
+    return LoadedModel(model, name, _labels_for(model, labels_file), resolve_model_data_config(model, args=data_args),
+                       "weights-file", weights_file=str(path), note=note)
+
+
+def checkpoint_img_size(model: "nn.Module", state: dict, what: str) -> int | tuple[int, int] | None:
+    """The image size a ViT state dict was trained at, read from its position embedding, or ``None``
+    when its position embedding already fits ``model`` (or there is none to read).
+
+    The grid is ``pos_embed`` tokens minus the prefix (class/register) tokens that carry a position
+    (none when the architecture has ``no_embed_class``); the patch size is the kernel of
+    ``patch_embed.proj.weight``. A grid that is not square raises ``ModelError`` naming ``--img-size``.
+    """
+    file_pos, own_pos = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if file_pos is None or own_pos is None or tuple(file_pos.shape) == tuple(own_pos.shape):
+        return None
+    if file_pos.ndim != 3 or own_pos.ndim != 3 or file_pos.shape[-1] != own_pos.shape[-1]:
+        return None  # another width or layout: another architecture, reported by the shape check
+    kernel = state.get("patch_embed.proj.weight")
+    model_patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if kernel is None or kernel.ndim != 4 or model_patch is None or tuple(kernel.shape[-2:]) != _pair(model_patch):
+        return None  # other patches: another architecture, reported by the shape check
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    positions = int(file_pos.shape[1]) - prefix
+    side = math.isqrt(positions) if positions > 0 else 0
+    if side < 1 or side * side != positions:
+        raise ModelError(f"{what}: its pos_embed has {int(file_pos.shape[1])} tokens, {positions} patch positions "
+                         f"after {prefix} prefix token(s), which is not a square grid; pass --img-size N with the "
+                         "image size it was trained at")
+    ph, pw = _pair(model_patch)
+    return side * ph if ph == pw else (side * ph, side * pw)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _size_text(size) -> str:
+    h, w = _pair(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def _img_size_of(model: "nn.Module") -> str:
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return _size_text(size) if size is not None else "another"
 
 
 def _load_timm(name: str, labels_file: Path | None, offline: bool | None) -> LoadedModel:

@@ -49,6 +49,14 @@ class ModelOptions:
     labels: Path | None = None
     device: str = "auto"
     offline: bool | None = None
+    img_size: int | None = None      # with weights: the image size they were trained at (None: read from them)
+
+    def __post_init__(self) -> None:
+        if self.img_size is not None and self.weights is None:
+            raise UsageError("--img-size applies to a --weights file (the size it was trained at); drop it, "
+                             "or pass --model NAME --weights FILE")
+        if self.img_size is not None and self.img_size < 1:
+            raise UsageError(f"--img-size {self.img_size}: give the image side in pixels, e.g. --img-size 224")
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,7 @@ def _load_workspace_model(ws: Workspace, state: dict, device: str) -> LoadedMode
     try:
         loaded = load_model(spec["name"], weights=Path(spec["weights"]) if spec.get("weights") else None,
                             labels_file=Path(spec["labels_file"]) if spec.get("labels_file") else None,
-                            device=resolve_device(device))
+                            device=resolve_device(device), img_size=spec.get("img_size"))
     except ModelError as e:
         raise WorkspaceError(f"the workspace {ws.root} was made for {spec['name']}"
                              f"{' with ' + spec['weights'] if spec.get('weights') else ''}, which no longer loads ({e}); "
@@ -308,7 +316,8 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
     with ws.lock():
         progress("loading model", 0, 1)
         loaded = load_model(cfg.model.name, weights=cfg.model.weights, labels_file=cfg.model.labels,
-                            device=resolve_device(cfg.model.device), offline=cfg.model.offline)
+                            device=resolve_device(cfg.model.device), offline=cfg.model.offline,
+                            img_size=cfg.model.img_size)
         progress("loading model", 1, 1)
         device = next(loaded.model.parameters()).device
         blocks = parse_blocks(cfg.blocks, loaded.depth)
@@ -372,7 +381,7 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
             "vitedit_version": __version__,
             "model": {"name": loaded.name, "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None,
                       "labels_file": str(Path(cfg.model.labels).resolve()) if cfg.model.labels else None,
-                      "weights_sha256": loaded.weights_sha256},
+                      "weights_sha256": loaded.weights_sha256, "img_size": cfg.model.img_size},
             "labels": loaded.labels,
             "sites": [s.to_json() for s in sites],
             "locator": locator,
@@ -404,6 +413,7 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
                              "per_site": {f"{s.block}.{s.matrix}": int(mask.indices[s.param].numel()) for s in sites}}
     return {
         "model": loaded.name,
+        "model_note": loaded.note,
         "locator": locator,
         "note": note,
         "workspace": str(ws.root),
@@ -873,15 +883,24 @@ def plot_tradeoff(points: Sequence[dict], out: Path, title: str, max_accuracy_dr
 # ----------------------------------------------------------------------------- export
 
 
+EXPORT_FORMATS = ("onnx", "timm")
+
+
 @dataclass(frozen=True)
 class ExportJob:
-    out: Path
+    out: Path                        # the .onnx file, or the folder for format "timm"
     workspace: Path = Path(".vitedit")
     base: bool = False
-    config: object = None            # export.ExportConfig
+    config: object = None            # export.ExportConfig (format "onnx" only)
     model: str | None = None         # only for --base without a workspace
     weights: Path | None = None
     max_images: int = 64
+    img_size: int | None = None      # only for --base --weights without a workspace
+    format: str = "onnx"             # "onnx": one verified .onnx file; "timm": a timm local-dir: folder
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise UsageError(f"--format {self.format!r}: choose {' or '.join(EXPORT_FORMATS)}")
 
 
 def _example_images(loaded: LoadedModel, ws: Workspace, max_images: int) -> "torch.Tensor":
@@ -899,17 +918,18 @@ def _example_images(loaded: LoadedModel, ws: Workspace, max_images: int) -> "tor
 
 
 def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
-    from .export import ExportConfig, export_onnx, preprocessing_metadata
-
-    config = job.config or ExportConfig()
     ws = Workspace(job.workspace)
+    if job.format == "timm":
+        from .timm_export import check_target
+
+        check_target(job.out)  # before any model is loaded
     if job.base and not ws.exists:
-        loaded = load_model(job.model, weights=job.weights, device="cpu")
+        loaded = load_model(job.model, weights=job.weights, device="cpu", img_size=job.img_size)
         patch_meta = None
         examples = _example_images(loaded, ws, job.max_images)
     else:
-        if job.model is not None or job.weights is not None:
-            raise UsageError("--model/--weights only apply to `export --base` without a workspace; the workspace "
+        if job.model is not None or job.weights is not None or job.img_size is not None:
+            raise UsageError("--model/--weights/--img-size only apply to `export --base` without a workspace; the workspace "
                              "already names its model")
         with ws.lock():
             state = ws.state()
@@ -919,6 +939,11 @@ def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
             if not job.base:
                 patch, patch_meta = Patch.load(ws.require("patch.safetensors", "apply"), loaded.identity)
                 patch.apply(loaded.model)  # our own freshly loaded copy
+    if job.format == "timm":
+        return _export_timm(job, loaded, examples, patch_meta, progress)
+    from .export import ExportConfig, export_onnx, preprocessing_metadata
+
+    config = job.config or ExportConfig()
     meta = preprocessing_metadata(loaded.data_config, loaded.labels, loaded.channels, extra={
         "vitedit.version": __version__, "vitedit.model": loaded.name,
         "vitedit.base_weights_sha256": loaded.identity["weights_sha256"],
@@ -929,9 +954,30 @@ def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
     progress("exporting to ONNX", 0, 1)
     res = export_onnx(loaded.model, Path(job.out), examples, metadata=meta, config=config)
     progress("exporting to ONNX", 1, 1)
-    return {"path": str(res.path), "base": patch_meta is None, "opset": res.opset, "exporter": res.exporter,
+    return {"format": "onnx", "path": str(res.path), "base": patch_meta is None, "opset": res.opset,
+            "exporter": res.exporter,
             "max_abs_diff": res.max_abs_diff, "top1_agreement": res.top1_agreement, "num_checked": res.num_checked,
-            "atol": config.atol, "model": loaded.name}
+            "atol": config.atol, "model": loaded.name, "model_note": loaded.note}
+
+
+def _export_timm(job: ExportJob, loaded: LoadedModel, examples: "torch.Tensor", patch_meta: dict | None,
+                 progress: Progress) -> dict:
+    """The model as a folder timm loads with ``local-dir:``, verified bit-identical on ``examples``."""
+    from .timm_export import export_timm
+
+    provenance = {"vitedit_version": __version__, "model": loaded.name,
+                  "base_weights_sha256": loaded.identity["weights_sha256"], "edited": patch_meta is not None,
+                  "patch_sha256": None if patch_meta is None else patch_meta.get("sha256"),
+                  "sparsity": None if patch_meta is None else patch_meta.get("sparsity"),
+                  "input_size": list(loaded.data_config["input_size"]), "model_note": loaded.note}
+    progress("exporting a timm folder", 0, 1)
+    res = export_timm(loaded.model, Path(job.out), examples, labels=loaded.labels, data_config=loaded.data_config,
+                      provenance=provenance, source_checkpoint=loaded.source == "timm")
+    progress("exporting a timm folder", 1, 1)
+    return {"format": "timm", "path": str(res.path), "base": patch_meta is None, "files": list(res.files),
+            "max_abs_diff": res.max_abs_diff, "top1_agreement": res.top1_agreement, "num_checked": res.num_checked,
+            "model": loaded.name, "model_note": loaded.note, "load_with": f"timm.create_model('local-dir:{res.path}', "
+            "pretrained=True)"}
 
 
 # ----------------------------------------------------------------------------- sensitive set
@@ -958,7 +1004,8 @@ def run_sensitive(cfg: SensitiveConfig, progress: Progress = _noop) -> dict:
     from .evaluate import sensitive_mask
 
     loaded = load_model(cfg.model.name, weights=cfg.model.weights, labels_file=cfg.model.labels,
-                        device=resolve_device(cfg.model.device), offline=cfg.model.offline)
+                        device=resolve_device(cfg.model.device), offline=cfg.model.offline,
+                        img_size=cfg.model.img_size)
     images, labels, refs, bad = _load_labeled(cfg.images, loaded, cfg.skip_bad_images, progress, "images")
     dev = next(loaded.model.parameters()).device
     keep = sensitive_mask(_predict(loaded.model, images.to(dev)), labels.to(dev), cfg.margin).cpu()
@@ -972,4 +1019,4 @@ def run_sensitive(cfg: SensitiveConfig, progress: Progress = _noop) -> dict:
         with atomic_path(t) as tmp:
             shutil.copyfile(r.path, tmp)
     return {"images": len(refs), "selected": len(chosen), "margin": cfg.margin, "out": str(cfg.out),
-            "model": loaded.name, "skipped_bad_images": [{"path": str(b.path), "reason": b.reason} for b in bad]}
+            "model": loaded.name, "model_note": loaded.note, "skipped_bad_images": [{"path": str(b.path), "reason": b.reason} for b in bad]}
