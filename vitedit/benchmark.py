@@ -8,13 +8,20 @@ reproduces the matching rows of a full run). Every method edits the same images:
 - ``hypernet`` / ``gradient`` / ``random``: masks at each sparsity (fraction of units edited);
 - ``l1`` / ``l2``: dense fine-tuning of the same matrices with an L1 / L2 penalty toward the original
   weights, strength swept;
+- ``local-hypernet`` / ``local-gradient`` / ``local-random``: the same masks fitted with the local
+  editor (``--objective local``: preservation term on the preserve set, null-space projection,
+  margin stop), vitedit's default; ``hypernet`` with the plain fine-tune is the paper's method;
 - diagnostics, only when named: ``bilevel`` (meta-training's mask search on the edit images with
   their labels) and ``group-gradient`` (gradient masks from the whole group: an upper bound).
 
 Per edit: **success** (edit images now correct), **generalization** (the group's *other* failures
-now correct), **locality** (share of the bundled sensitive set whose top-1 is unchanged) and
-**accuracy drop** (base minus edited accuracy on the bundled in-distribution test sample). Aggregates:
-mean and 95% confidence interval (normal approximation, 1.96 standard errors) per group and overall.
+now correct), **locality** (share of the bundled sensitive set whose top-1 is unchanged),
+**accuracy drop** (base minus edited accuracy on the check set, in percentage points; default the
+bundled 1,000-image in-distribution test sample, ``--check`` for another labeled folder such as the
+zoo's 7,953-image ``test-images`` pool) and **flip rate** (share of check images whose top-1 changed).
+Aggregates: mean and 95% confidence interval (normal approximation, 1.96 standard errors) per group
+and overall. Matched comparisons: generalization at the same locality (``matched_locality``) and at
+the same accuracy drop against the paper's method (``matched_accuracy_drop``).
 
 Everything frozen is computed once: prefix tokens of all groups, the sensitive set and the test
 sample at the first edited block, and the base predictions.
@@ -36,14 +43,16 @@ from .errors import UsageError
 SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 L1_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 L2_STRENGTHS = (1e-2, 1e-1, 1.0, 10.0)
-METHODS = ("hypernet", "random", "gradient", "l1", "l2")  # the default run
+LOCAL_METHODS = ("local-hypernet", "local-gradient", "local-random")  # the local editor with those masks
+METHODS = ("hypernet", "random", "gradient", "l1", "l2") + LOCAL_METHODS  # the default run
 # Diagnostics, run only when named in --methods: ``bilevel`` is meta-training's mask search on the edit
 # images with their labels (what the hypernetwork imitates); ``group-gradient`` is gradient masks from
 # *every* failure of the group, held-out ones included (an upper bound on what knowing the
 # subpopulation can give a mask: it sees the images it is scored on, so it is not a method).
 ORACLES = ("bilevel", "group-gradient")
-MASK_METHODS = ("hypernet", "random", "gradient") + ORACLES
-METRICS = ("success", "generalization", "locality", "accuracy_drop")  # per edit; aggregated with a 95% CI
+MASK_METHODS = ("hypernet", "random", "gradient") + ORACLES + LOCAL_METHODS
+METRICS = ("success", "generalization", "locality", "accuracy_drop", "flip_rate")  # per edit; mean with a 95% CI
+PAPER_METHOD = "hypernet"  # hypernetwork masks + the plain fine-tune
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,9 @@ class BenchmarkConfig:
     hypernet: Path | None = None
     compare_to: Path | None = None    # a published results.json to check this run against
     locality: Path | None = None      # a locality folder (`vitedit sensitive`); default: the bundled set
+    check: Path | None = None         # a labeled check folder; default: the bundled 1,000-image test sample
+    preserve: Path | None = None      # the local editor's preserve set; default: the bundled one
+    local_sparsities: tuple[float, ...] | None = None  # the local methods' sweep; default: ``sparsities``
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS + ORACLES]
@@ -103,7 +115,9 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     from .locate import aggregate as mean_scores
     from .masks import UnitScores
     from .models import load_model
-    from .pipeline import default_hypernet_for, default_locality_dir, resolve_edit_config
+    from .pipeline import (check_disjoint, default_check_dir, default_hypernet_for, default_locality_dir,
+                           default_preserve_dir, resolve_edit_config)
+    from .preserve import build_preserve_set
 
     t_start = time.time()
     published = None
@@ -127,7 +141,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         raise UsageError(f"--groups: unknown {', '.join(unknown)}; see `vitedit examples`")
     methods = list(cfg.methods)
     hypernet, hypernet_id = None, None
-    if "hypernet" in methods:
+    if "hypernet" in methods or "local-hypernet" in methods:
         path = cfg.hypernet or default_hypernet_for(loaded)
         if path is None:
             raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
@@ -143,12 +157,20 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     sens_x, _ = load_set(scan_unlabeled(cfg.locality or default_locality_dir(loaded)), "loading locality set")
     sens = TokenCache(model, start, sens_x)
     sens_base = sens.predict()
-    from .models import DEFAULT_ASSETS
-
-    test_x, test_refs = load_set(scan_labeled(DEFAULT_ASSETS / "test", loaded.labels), "loading test sample")
+    check_dir = Path(cfg.check) if cfg.check is not None else default_check_dir(loaded)
+    test_x, test_refs = load_set(scan_labeled(check_dir, loaded.labels), "loading check set")
     test_y = torch.tensor([r.label for r in test_refs])
     test = TokenCache(model, start, test_x)
-    base_test_acc = float((test.predict() == test_y).float().mean())
+    del test_x
+    test_base = test.predict()
+    base_test_acc = float((test_base == test_y).float().mean())
+    preserve = None
+    if any(m in LOCAL_METHODS for m in methods):
+        preserve_dir = Path(cfg.preserve) if cfg.preserve is not None else default_preserve_dir(loaded)
+        p_refs = scan_unlabeled(preserve_dir)
+        check_disjoint(preserve_dir, p_refs, {"check set": (check_dir, test_refs),
+                                              "locality set": (cfg.locality or default_locality_dir(loaded), [])})
+        preserve = build_preserve_set(model, sites, load_set(p_refs, "loading preserve set")[0])
     group_data = {}
     for g in groups:
         x, refs = load_set(scan_labeled(Path(all_groups[g]["path"]), loaded.labels), f"loading {g}")
@@ -168,6 +190,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
     progress("caching", 3, 3)
 
     edit_cfg = resolve_edit_config(loaded, {"lr": cfg.lr, "max_steps": cfg.max_steps})
+    local_cfg = resolve_edit_config(loaded, {"lr": cfg.lr}, "local")
     edit_lr = edit_cfg.lr
     plan = []  # (group, k, edit index, rows)
     for g in groups:
@@ -181,7 +204,9 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
                 plan.append((g, k, e, rows))
     variants = []
     for m in methods:
-        if m in MASK_METHODS:
+        if m in LOCAL_METHODS:
+            variants += [(m, "sparsity", s) for s in (cfg.local_sparsities or cfg.sparsities)]
+        elif m in MASK_METHODS:
             variants += [(m, "sparsity", s) for s in cfg.sparsities]
         else:
             variants += [(m, "strength", s) for s in (cfg.l1_strengths if m == "l1" else cfg.l2_strengths)]
@@ -195,11 +220,12 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         others = [i for i in range(len(y)) if i not in set(rows)]
         edit_tokens, edit_labels = cache.tokens[rows], y[rows]
         per_image = {}
-        if "hypernet" in methods:
+        uses = {m.removeprefix("local-") for m in methods}
+        if "hypernet" in uses:
             with torch.no_grad():
                 scores = hypernet(feats[rows])
             per_image["hypernet"] = UnitScores(sites, {s.param: sc.mean(0) for s, sc in zip(sites, scores)}, "hypernet")
-        if "gradient" in methods:
+        if "gradient" in uses:
             gs = gradient_locator(LocateInputs(model, sites, x[rows], edit_labels))
             per_image["gradient"] = mean_scores(gs, sites, None, "gradient")
         if "bilevel" in methods:
@@ -207,40 +233,50 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             per_image["bilevel"] = mean_scores(bs, sites, None, "bilevel")
         if "group-gradient" in methods:
             per_image["group-gradient"] = group_scores[g]
-        if "random" in methods:
+        if "random" in uses:
             rs = random_locator(LocateInputs(model, sites, None, None, seed=_seed(cfg.seed, g, k, e, "random")))
             per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")
         for method, knob, value in variants:
             if knob == "sparsity":
-                mask, penalty = per_image[method].select(value), None
+                mask, penalty = per_image[method.removeprefix("local-")].select(value), None
             else:
                 mask, penalty = full, (method, value)
-            res = edit(model, mask, None, edit_labels, edit_cfg, tokens=edit_tokens, penalty=penalty)
+            local = method in LOCAL_METHODS
+            res = edit(model, mask, x[rows], edit_labels, local_cfg if local else edit_cfg, tokens=edit_tokens,
+                       penalty=penalty, preserve=preserve if local else None, seed=_seed(cfg.seed, g, k, e, "preserve"))
             w = res.patch.weights(model)
             gen_acc = float((cache.predict(w)[others] == y[others]).float().mean()) if others else None
+            test_pred = test.predict(w)
             rows_out.append({
                 "group": g, "edit_images": k, "edit": e, "method": method, knob: value,
                 "sparsity": value if knob == "sparsity" else None, "strength": value if knob == "strength" else None,
                 "units_edited": mask.selected, "steps": res.steps, "converged": res.converged,
                 "success": res.edit_accuracy, "generalization": gen_acc,
                 "locality": float((sens.predict(w) == sens_base).float().mean()),
-                "accuracy_drop": base_test_acc - float((test.predict(w) == test_y).float().mean()),
+                "accuracy_drop": round(100.0 * (base_test_acc - float((test_pred == test_y).float().mean())), 4),
+                "flip_rate": float((test_pred != test_base).float().mean()),
             })
             done += 1
             progress("benchmark edits", done, total)
 
     summary = aggregate(rows_out)
     gains = [row for m in ("hypernet",) + ORACLES if m in methods for row in matched_locality(summary, m)]
+    drop_gains = ([row for m in LOCAL_METHODS if m in methods for row in matched_accuracy_drop(summary, m)]
+                  if PAPER_METHOD in methods else [])
     result = {
         "model": loaded.name, "model_weights_sha256": loaded.identity.get("weights_sha256"),
         "hypernet": hypernet_id, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
         "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
         "sensitive_images": len(sens), "test_images": len(test_y), "base_test_accuracy": base_test_acc,
+        "check": "bundled test sample" if cfg.check is None else str(cfg.check),
+        "preserve_images": len(preserve) if preserve is not None else 0,
+        "local_edit_config": local_cfg.to_json() if preserve is not None else None,
         "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                    for k, v in asdict(cfg).items()},
         "wall_seconds": round(time.time() - t_start, 1),
         "summary": summary,
         "matched_locality": gains,
+        "matched_accuracy_drop": drop_gains,
     }
     if published is not None:
         ignore = {"out", "compare_to", "hypernet"}  # the hypernetwork is compared by content, below
@@ -348,6 +384,46 @@ def matched_locality(summary: Sequence[dict], method: str = "hypernet",
                     "gain_ci95_by_baseline": {b: None if v[1] is None else round(v[1], 4)
                                               for b, v in sorted(stats.items())},
                     "groups_by_baseline": {b: v[2] for b, v in sorted(stats.items())}})
+    return out
+
+
+def matched_accuracy_drop(summary: Sequence[dict], method: str, baseline: str = PAPER_METHOD) -> list[dict]:
+    """``method``'s generalization minus ``baseline``'s at the same check-set accuracy drop, over groups.
+
+    Per group and edit setting, the baseline's generalization-vs-accuracy-drop curve (group means over
+    its sparsity sweep) is interpolated linearly at each ``method`` point's drop. A point whose drop is
+    below the baseline's whole range is compared with the baseline's least damaging point, which has
+    the larger generalization of the two ends as a rule, so this favours the baseline; a point above
+    its range is skipped (no extrapolation). Mean over groups with a 95% CI, one row per
+    (edit_images, setting), with how many of the groups were compared at the baseline's edge.
+    """
+    by = {}
+    for r in summary:
+        if r["group"] != "all" and r["generalization"] is not None and r.get("accuracy_drop") is not None:
+            by.setdefault((r["group"], r["edit_images"]), []).append(r)
+    diffs: dict[tuple[int, float], list[float]] = {}
+    edge: dict[tuple[int, float], int] = {}
+    for (group, k), rows in sorted(by.items()):
+        curve = sorted((r["accuracy_drop"], r["generalization"]) for r in rows if r["method"] == baseline)
+        if not curve:
+            continue
+        for r in rows:
+            if r["method"] != method:
+                continue
+            drop = r["accuracy_drop"]
+            if drop < curve[0][0]:
+                at = min(curve)[1]
+                edge[(k, r["setting"])] = edge.get((k, r["setting"]), 0) + 1
+            else:
+                at = _interp(curve, drop)
+            if at is not None:
+                diffs.setdefault((k, r["setting"]), []).append(r["generalization"] - at)
+    out = []
+    for (k, setting), v in sorted(diffs.items()):
+        m, ci = mean_ci(v)
+        out.append({"edit_images": k, "method": method, "baseline": baseline, "setting": setting, "groups": len(v),
+                    "groups_at_baseline_edge": edge.get((k, setting), 0),
+                    "gain": round(m, 4), "gain_ci95": None if ci is None else round(ci, 4)})
     return out
 
 

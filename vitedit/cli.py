@@ -626,8 +626,9 @@ def demo(
 def benchmark(
     groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated bundled groups (default: all)."),
     methods: str = typer.Option(
-        "hypernet,random,gradient,l1,l2", "--methods",
-        help="Any of hypernet, random, gradient, l1, l2, and two diagnostics not run by default: bilevel (the "
+        "hypernet,random,gradient,l1,l2,local-hypernet,local-gradient,local-random", "--methods",
+        help="Any of hypernet (the paper's method), random, gradient, l1, l2, local-hypernet, local-gradient, "
+             "local-random (those masks with the local editor), and two diagnostics not run by default: bilevel (the "
              "hypernetwork's training target computed on the edit images with their labels) and group-gradient "
              "(gradient masks from every failure of the group, held-out ones included: an upper bound)."),
     edit_images: str = typer.Option("1,3", "--edit-images", help="Images per edit (1 = the paper's protocol)."),
@@ -636,6 +637,10 @@ def benchmark(
     hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
     locality: Optional[Path] = typer.Option(
         None, "--locality", help="Locality folder (from `vitedit sensitive`). Default: the bundled sensitive set."),
+    check: Optional[Path] = typer.Option(
+        None, "--check", help="Labeled check folder for the accuracy drop and flip rate. Default: the bundled 1,000-image test sample."),
+    preserve: Optional[Path] = typer.Option(None, "--preserve", help="The local editor's preserve set. Default: the bundled one."),
+    local_sparsities: Optional[str] = typer.Option(None, "--local-sparsities", help="The local methods' sparsities (default: --sparsities)."),
     lr: Optional[float] = typer.Option(None, "--lr"),
     max_steps: int = typer.Option(100, "--max-steps"),
     out: Path = typer.Option(Path("benchmark-results"), "--out"),
@@ -654,7 +659,8 @@ def benchmark(
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
                           _floats(sparsities, "--sparsities"), edits_per_group=edits_per_group, out=out, seed=seed,
                           lr=lr, max_steps=max_steps, hypernet=hypernet, compare_to=compare,
-                          locality=locality)
+                          locality=locality, check=check, preserve=preserve,
+                          local_sparsities=_floats(local_sparsities, "--local-sparsities") if local_sparsities else None)
     with ui.progress() as progress:
         res = run_benchmark(cfg, progress)
     if as_json:
@@ -662,7 +668,7 @@ def benchmark(
     for k in res["edit_images"]:
         rows = [r for r in res["summary"] if r["group"] == "all" and r["edit_images"] == k]
         ui.table(f"All groups, edits from {k} image(s): mean +/- 95% CI", ["method", "setting", "edits", "success",
-                 "generalization", "locality", "accuracy drop"],
+                 "generalization", "locality", "accuracy drop (points)", "flip rate"],
                  [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], *(format_ci(r, m) for m in METRICS)]
                   for r in rows])
     if res.get("matched_locality"):
@@ -672,6 +678,12 @@ def benchmark(
                  [[r["method"], r["edit_images"], f"{r['setting']:g}", r["best_baseline"], r["groups"], format_ci(r, "gain"),
                    ", ".join(f"{b} {g:+.3f}" for b, g in r["gain_by_baseline"].items())]
                   for r in res["matched_locality"]])
+    if res.get("matched_accuracy_drop"):
+        ui.table("Local editor minus the paper's method (hypernet masks, plain fine-tune) at the same check-set "
+                 "accuracy drop, mean over groups +/- 95% CI",
+                 ["method", "edit images", "sparsity", "groups", "at the paper's edge", "gain"],
+                 [[r["method"], r["edit_images"], f"{r['setting']:g}", r["groups"], r["groups_at_baseline_edge"],
+                   format_ci(r, "gain")] for r in res["matched_accuracy_drop"]])
     if "comparison" in res:
         c = res["comparison"]
         ui.out.print(f"against {c['published']}: {c['values_checked'] - c['values_outside_ci']}/{c['values_checked']} "

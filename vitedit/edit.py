@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 
 OBJECTIVES = ("plain", "local")
+# kl: KL(base || edited) on the preserve minibatch; margin: a hinge that only keeps each preserve
+# image's base top-1 ahead by its base log-probability margin (capped at MARGIN_CAP nats), so the
+# edit may change confidences freely as long as no prediction moves toward a flip.
+PRESERVE_LOSSES = ("kl", "margin")
+MARGIN_CAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class EditConfig:
     stop_margin: float | None = None
     augment: int = 0
     preserve_nearest: int = 0
+    preserve_loss: str = "kl"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -83,6 +89,8 @@ class EditConfig:
         if self.nullspace_threshold is not None and not 0 < self.nullspace_threshold <= 1:
             raise UsageError(f"--nullspace {self.nullspace_threshold}: give a relative eigenvalue threshold in (0, 1], "
                              "e.g. 0.01, or leave it out")
+        if self.preserve_loss not in PRESERVE_LOSSES:
+            raise UsageError(f"--preserve-loss {self.preserve_loss!r}: choose {' or '.join(PRESERVE_LOSSES)}")
         if self.preserve_nearest < 0:
             raise UsageError(f"--preserve-nearest {self.preserve_nearest} must be >= 0 (0 = draw from the whole set)")
         if self.augment < 0:
@@ -321,9 +329,13 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
             delta = [free[p] - old[p] for p in free]
             reg = sum((d.abs().sum() if kind == "l1" else d.pow(2).sum()) for d in delta)
             loss = loss + strength * reg
-        if use_kl:  # KL(base || edited) on this step's preserve minibatch
-            kl = F.kl_div(torch.log_softmax(out[n_fit:], -1), target[rows], log_target=True, reduction="batchmean")
-            loss = loss + config.preserve_weight * kl
+        if use_kl:  # the preservation term on this step's preserve minibatch
+            logp = torch.log_softmax(out[n_fit:], -1)
+            if config.preserve_loss == "kl":  # KL(base || edited)
+                term = F.kl_div(logp, target[rows], log_target=True, reduction="batchmean")
+            else:
+                term = _margin_hinge(logp, target[rows])
+            loss = loss + config.preserve_weight * term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -360,6 +372,17 @@ def augment_views(images: "torch.Tensor", views: int, gen: "torch.Generator") ->
         dx = torch.randint(0, 2 * pw + 1, (b,), generator=gen).tolist()
         out.append(torch.stack([padded[i, :, y:y + h, x0:x0 + w] for i, (y, x0) in enumerate(zip(dy, dx))]))
     return torch.cat(out)
+
+
+def _margin_hinge(log_probs: "torch.Tensor", base_log_probs: "torch.Tensor") -> "torch.Tensor":
+    """Mean of max(0, m0 - m): m is the edited log-probability margin of the base top-1 over the best
+    other class, m0 the base margin capped at ``MARGIN_CAP``. (P, classes) x 2 -> scalar."""
+    import torch
+
+    top = base_log_probs.argmax(-1, keepdim=True)
+    def margin(lp):
+        return lp.gather(1, top).squeeze(1) - lp.scatter(1, top, float("-inf")).max(-1).values
+    return torch.relu(margin(base_log_probs).clamp(max=MARGIN_CAP) - margin(log_probs)).mean()
 
 
 def _stop(logits: "torch.Tensor", labels: "torch.Tensor", loss: float, config: EditConfig) -> bool:

@@ -643,7 +643,8 @@ def resolve_edit_config(loaded: LoadedModel, overrides: dict | None, objective: 
     recommendation (its edit learning rate), then the flags."""
     from .edit import objective_config
 
-    return objective_config(objective, **{**loaded.edit_defaults, **(overrides or {})})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return objective_config(objective, **{**loaded.edit_defaults, **given})
 
 
 def _scores(job: _Job, locator: str):
