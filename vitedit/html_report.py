@@ -116,7 +116,7 @@ def _validate(data: Any) -> dict:
         "command": data.get("command"),
         "provenance": _mapping(data, "provenance"),
         "figures": _mapping(data, "figures"),
-        "plots": [Path(p) for p in _sequence(data, "plots")],
+        "plots": [_path(p, f"plots[{i}]") for i, p in enumerate(_sequence(data, "plots"))],
         "labels": [str(x) for x in _sequence(data, "labels")],
         "per_class": [_row(data, "per_class", i, x) for i, x in enumerate(_sequence(data, "per_class"))],
         "edits": [_row(data, "edits", i, x) for i, x in enumerate(_sequence(data, "edits"))],
@@ -167,6 +167,12 @@ def _row(data: Mapping, where: str, i: int, value: Any) -> dict:
     if not isinstance(value, Mapping):
         raise InputDataError(f"report data {where}[{i}] must be a dict, got {type(value).__name__}")
     return dict(value)
+
+
+def _path(value: Any, where: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputDataError(f"report data {where} must be a file path, got {type(value).__name__}")
+    return Path(value)
 
 
 def _check_plot(path: Path) -> None:
