@@ -320,7 +320,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         entry = {"group": grp, "edit_images": k, "method": method,
                  "setting": setting, "knob": "sparsity" if rs[0]["sparsity"] is not None else "strength", "edits": len(rs)}
         for metric in METRICS:
-            m, ci = mean_ci([r[metric] for r in rs])
+            m, ci = mean_ci([r.get(metric) for r in rs])
             entry[metric] = None if m is None else round(m, 4)
             entry[f"{metric}_ci95"] = None if ci is None else round(ci, 4)
         out.append(entry)

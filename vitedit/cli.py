@@ -317,6 +317,8 @@ def report(
     sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities", help="Fractions of units to edit."),
     preserve_weights: str = typer.Option("1,3,10", "--preserve-weights", help="Preservation weights swept with the local objective."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of generalization vs accuracy drop and locality."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: the plot, the figures, and "
+                                        "galleries of the images the edit fixed, left wrong and changed."),
     max_accuracy_drop: float = MaxDropOpt,
     min_locality: float = typer.Option(0.9, "--min-locality", help="Without a check set: recommend the best generalization with at least this locality."),
     objective: str = ObjectiveOpt,
@@ -347,7 +349,8 @@ def report(
                                    generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check)
     cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot, experiment,
-                       _floats(preserve_weights, "--preserve-weights"), max_accuracy_drop)
+                       _floats(preserve_weights, "--preserve-weights"), max_accuracy_drop, html,
+                       " ".join(["vitedit", *sys.argv[1:]]) if sys.argv and "vitedit" in sys.argv[0] else "vitedit report")
     with ui.progress() as progress:
         res = run_report(cfg, progress)
     if as_json:
@@ -362,6 +365,8 @@ def report(
                  f"flip rate {_pct(r['flip_rate'])}, locality {_pct(r['locality'])}")
     if res["plot"]:
         ui.out.print(f"plot: {res['plot']}")
+    if res.get("html"):
+        ui.out.print(f"report: {res['html']}")
 
 
 def _points(v: Optional[float]) -> str:
@@ -620,6 +625,7 @@ def demo(
     p(f"[bold]5. Export.[/] {exp['path']}: ONNX matches PyTorch on {exp['num_checked']} images "
       f"(top-1 agreement {_pct(exp['top1_agreement'])}, max |logit diff| {exp['max_abs_diff']:.1e}).")
     p(f"Patch (revertible): {app_['patch']}")
+    p(f"[bold]6. See it.[/] {rep['html']}: the figures and the images the edit fixed, left wrong and changed.")
 
 
 @app.command()

@@ -73,7 +73,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict
     experiment = ExperimentOptions(device=cfg.device, objective=cfg.objective)
     applied = run_apply(ApplyConfig(ws, cfg.sparsity, experiment), progress)
     reported = run_report(ReportConfig(ws, cfg.sparsities, plot=out / "tradeoff.png", experiment=experiment,
-                                       preserve_weights=cfg.preserve_weights), progress)
+                                       preserve_weights=cfg.preserve_weights, html=out / "report.html",
+                                       command="vitedit demo"), progress)
     exported = run_export(ExportJob(out / "edited.onnx", ws), progress)
     return {"group": group, "failures_dir": str(failures), "locate": located, "apply": applied, "report": reported,
             "export": exported}

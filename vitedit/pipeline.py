@@ -140,6 +140,8 @@ class ReportConfig:
     experiment: ExperimentOptions = ExperimentOptions()
     preserve_weights: tuple[float, ...] = (1.0, 3.0, 10.0)  # swept with the local objective
     max_accuracy_drop: float = 0.5
+    html: Path | None = None         # a self-contained HTML page of the edit (vitedit.html_report)
+    command: str = "vitedit report"  # recorded on the page
 
     def __post_init__(self) -> None:
         _check_max_drop(self.max_accuracy_drop)
@@ -466,6 +468,7 @@ class _Job:
     notes: list = field(default_factory=list)
     edit_images: object = None       # (B, C, H, W) preprocessed, for augmented edits
     validation: object = None        # evaluate.EvalSets on the validation half (``--sparsity auto``)
+    refs: dict = field(default_factory=dict)  # set name -> ImageRefs in cache order (for galleries)
 
 
 def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
@@ -580,7 +583,9 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                       "holdout_base_accuracy": base_metrics.generalization,
                       "check_accuracy": base_metrics.accuracy_before},
                 skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
-                edit_images=edit_images, validation=val_sets)
+                edit_images=edit_images, validation=val_sets,
+                refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
+                      "check": c_refs, "locality": l_refs})
 
 
 def check_disjoint(preserve_dir: Path, preserve_refs: Sequence["ImageRef"], measured: dict) -> None:
@@ -822,6 +827,7 @@ def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
                    else [job.edit_config.preserve_weight])
         points = _sweep(job, cfg.sparsities, weights, locators, progress, "sweeping sparsities")
         rec = recommend(points, locator, cfg.max_accuracy_drop, cfg.min_locality)
+        plot = cfg.plot if cfg.plot is not None else (Path(cfg.html).with_suffix(".png") if cfg.html else None)
         result = {
             "model": job.loaded.name,
             "locator": locator,
@@ -835,12 +841,104 @@ def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
             "recommended": rec,
             "plot": None,
         }
-        if cfg.plot is not None:
-            plot_tradeoff(points, Path(cfg.plot), title=f"{job.loaded.name}: the trade-off of {len(job.edit_rows)}-image edits",
+        if plot is not None:
+            plot_tradeoff(points, Path(plot), title=f"{job.loaded.name}: the trade-off of {len(job.edit_rows)}-image edits",
                           max_accuracy_drop=cfg.max_accuracy_drop)
-            result["plot"] = str(cfg.plot)
+            result["plot"] = str(plot)
+        if cfg.html is not None:
+            progress("writing the HTML report", 0, 1)
+            result["html"] = write_html_report(job, result, Path(cfg.html), cfg.command)
+            progress("writing the HTML report", 1, 1)
         write_json(ws.path("report.json"), result)
     return result
+
+
+def edit_galleries(job: _Job, weights: dict) -> tuple[list[dict], list[dict]]:
+    """Per-image predictions before and after an edit, grouped as the report's galleries, and the
+    check set's accuracy per class before and after. ``weights``: the edited tensors (Patch.weights)."""
+    import torch
+
+    sets, refs = job.sets, job.refs
+    galleries: list[dict] = []
+
+    def items(rs, before, after, keep):
+        return [{"path": str(r.path), "label": None if r.label is None else int(r.label), "before": int(b),
+                 "after": int(a)} for r, b, a, k in zip(rs, before.tolist(), after.tolist(), keep.tolist()) if k]
+
+    before, after = sets.edit.predict(), sets.edit.predict(weights)
+    galleries.append({"key": "edit", "title": "Edit images", "total": len(refs["edit"]),
+                      "description": "the failures the edit was fitted on (prediction before -> after)",
+                      "items": items(refs["edit"], before, after, torch.ones_like(before, dtype=torch.bool))})
+    if sets.holdout is not None:
+        before, after = sets.holdout.predict(), sets.holdout.predict(weights)
+        y = sets.holdout_labels.to(after.device)
+        fixed, wrong = (after == y) & (before != y), after != y
+        galleries.append({"key": "fixed", "title": "Held-out failures fixed", "total": int(fixed.sum()),
+                          "description": f"{job.generalization_source} the edit never saw, now classified correctly",
+                          "items": items(refs["holdout"], before, after, fixed)})
+        galleries.append({"key": "still_wrong", "title": "Held-out failures still wrong", "total": int(wrong.sum()),
+                          "description": "held-out failures the edited model still gets wrong",
+                          "items": items(refs["holdout"], before, after, wrong)})
+    per_class: list[dict] = []
+    if sets.check is not None:
+        after = sets.check.predict(weights)
+        before, y = sets.check_base.to(after.device), sets.check_labels.to(after.device)
+        changed = after != before
+        galleries.append({"key": "collateral_check", "title": "Collateral: check images whose prediction changed",
+                          "total": int(changed.sum()),
+                          "description": f"ordinary labeled images ({job.check_dir}) the edit was not fitted on",
+                          "items": items(refs["check"], before, after, changed)})
+        for c in sorted(set(y.tolist())):
+            sel = y == c
+            per_class.append({"class": job.loaded.labels[c], "images": int(sel.sum()),
+                              "before": float((before[sel] == c).float().mean()),
+                              "after": float((after[sel] == c).float().mean())})
+    if sets.locality is not None:
+        after = sets.locality.predict(weights)
+        before = sets.locality_base.to(after.device)
+        changed = after != before
+        galleries.append({"key": "collateral_locality", "title": "Collateral: locality images whose prediction changed",
+                          "total": int(changed.sum()),
+                          "description": f"fragile images ({job.locality_dir}); their true class is not known here",
+                          "items": items(refs["locality"], before, after, changed)})
+    return galleries, per_class
+
+
+def write_html_report(job: _Job, result: dict, out: Path, command: str) -> str:
+    """The report page for the workspace's applied edit (what ``export`` ships), or, when nothing was
+    applied yet, for the recommended point of the sweep."""
+    from .html_report import render_report
+
+    applied = job.ws.path("patch.safetensors")
+    if applied.exists():
+        patch, meta = Patch.load(applied, job.loaded.identity)
+        figures = {**meta.get("metrics", {}), "sparsity": meta.get("sparsity"), "units_edited": patch.units_edited,
+                   "objective": (meta.get("edit_config") or {}).get("objective")}
+        which = "the applied edit (what `vitedit export` ships)"
+    else:
+        rec = result["recommended"]
+        config = replace(job.edit_config, preserve_weight=rec["preserve_weight"] or 0.0)
+        point, patch = _edit_and_measure(job, job.state["locator"], rec["sparsity"], config)
+        figures = {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before", "accuracy_after",
+                                         "accuracy_drop", "flip_rate", "sparsity", "units_edited", "steps", "objective")}
+        which = "the recommended point of the sweep (no edit has been applied in this workspace)"
+    weights = patch.weights(job.loaded.model)
+    galleries, per_class = edit_galleries(job, weights)
+    hypernet = job.state.get("hypernet")
+    provenance = {"model": job.loaded.name, "weights_sha256": job.loaded.weights_sha256,
+                  "locator": job.state["locator"],
+                  "hypernet": (f"{hypernet} (sha256 {sha256_file(Path(hypernet))[:16]})"
+                               if hypernet and Path(hypernet).exists() else hypernet or "none"),
+                  "failures": job.state["failures_dir"], "preserve set": result.get("preserve_source") or "none",
+                  "check set": result.get("check_source") or "none", "vitedit_version": __version__,
+                  "shown": which}
+    data = {"title": f"vitedit edit report: {Path(job.state['failures_dir']).name}", "command": command,
+            "provenance": provenance, "figures": {**figures, "edit_images": len(job.edit_rows),
+                                                  "held_out_failures": result["holdout_images"]},
+            "plots": [result["plot"]] if result.get("plot") else [], "labels": list(job.loaded.labels),
+            "galleries": galleries, "per_class": per_class, "notes": list(result.get("notes") or [])}
+    render_report(data, out)
+    return str(out)
 
 
 def plot_tradeoff(points: Sequence[dict], out: Path, title: str, max_accuracy_drop: float | None = MAX_ACCURACY_DROP) -> None:

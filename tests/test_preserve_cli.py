@@ -1,0 +1,113 @@
+"""The preserve and check sets through the command line: what apply, report and `--sparsity auto`
+report, and the one-line errors (with their documented exit codes) for folders that cannot be used.
+
+timm's ``test_vit`` with a local weights file and generated image folders, CPU, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import write_images
+from test_cli import cli, cli_json, model_args, one_error_line
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_weights, labels_file):
+    """A located workspace plus preserve (unlabeled) and check (labeled) folders."""
+    root = tmp_path_factory.mktemp("preserve-job")
+    failures = write_images(root / "failures", {"cat": 8, "dog": 8, "T-shirt_top": 8}, seed=1)
+    preserve = write_images(root / "preserve", {"p": 12, "q": 12}, seed=3)
+    check = write_images(root / "check", {"cat": 5, "dog": 5, "ship": 5}, seed=4)
+    cli_json("locate", failures, *model_args(tiny_weights, labels_file), "-w", root / "ws", "--locator", "random")
+    return {"root": root, "ws": root / "ws", "preserve": preserve, "check": check, "failures": failures}
+
+
+def test_apply_reports_accuracy_drop_and_flip_rate_and_uses_the_preserve_set(ws):
+    res = cli_json("apply", "-w", ws["ws"], "--max-steps", "3", "--lr", "1e-3", "--preserve", ws["preserve"],
+                   "--check", ws["check"])
+    assert res["objective"] == "local" and res["edit_config"]["preserve_weight"] > 0
+    assert res["preserve_images"] == 24 and res["check_images"] == 15
+    for k in ("accuracy_before", "accuracy_after", "flip_rate"):
+        assert 0.0 <= res[k] <= 1.0
+    assert res["accuracy_drop"] == pytest.approx(100 * (res["accuracy_before"] - res["accuracy_after"]), abs=1e-3)
+    assert res["base"]["check_accuracy"] == res["accuracy_before"]
+    assert not any("nothing held" in n for n in res["notes"])
+    meta = json.loads((ws["ws"] / "patch.json").read_text())
+    assert meta["metrics"]["flip_rate"] == res["flip_rate"] and meta["preserve"] == str(ws["preserve"])
+
+
+def test_without_a_preserve_set_the_edit_runs_and_says_nothing_held_the_model(ws):
+    res = cli_json("apply", "-w", ws["ws"], "--max-steps", "2", "--lr", "1e-3")
+    assert res["preserve_images"] == 0 and res["edit_config"]["preserve_weight"] == 0
+    assert res["edit_config"]["nullspace_threshold"] is None
+    assert any("nothing held the rest of the model in place" in n for n in res["notes"])
+    assert any("no check set" in n for n in res["notes"]) and res["accuracy_drop"] is None
+    code, out, err = cli("apply", "-w", ws["ws"], "--max-steps", "2", "--lr", "1e-3")
+    assert code == 0 and "nothing held the rest of the model in place" in err
+
+
+def test_plain_objective_is_the_papers_editor(ws):
+    res = cli_json("apply", "-w", ws["ws"], "--max-steps", "2", "--lr", "1e-3", "--objective", "plain",
+                   "--preserve", ws["preserve"], "--check", ws["check"])
+    cfg = res["edit_config"]
+    assert cfg["objective"] == "plain" and cfg["preserve_weight"] == 0 and cfg["nullspace_threshold"] is None
+    assert cfg["augment"] == 0 and cfg["stop_margin"] is None and cfg["loss_threshold"] == 0.01
+
+
+def test_report_sweeps_preservation_weights_and_states_its_rule(ws):
+    res = cli_json("report", "-w", ws["ws"], "--sparsities", "0.05,0.25", "--preserve-weights", "1,10",
+                   "--max-steps", "2", "--lr", "1e-3", "--preserve", ws["preserve"], "--check", ws["check"],
+                   "--plot", ws["root"] / "t.png")
+    own = sorted((p["sparsity"], p["preserve_weight"]) for p in res["points"] if p["locator"] == "random")
+    assert own == [(0.05, 1.0), (0.05, 10.0), (0.25, 1.0), (0.25, 10.0)]  # random is the workspace's locator here
+    rec = res["recommended"]
+    assert "success 100% and accuracy drop <= 0.5 points" in rec["rule"] or "no random edit reached" in rec["rule"]
+    ok = [p for p in res["points"] if p["success"] == 1.0 and p["accuracy_drop"] <= 0.5]
+    assert rec["qualifies"] == bool(ok)
+    if ok:
+        assert rec["generalization"] == max(p["generalization"] for p in ok)
+    assert (ws["root"] / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sparsity_auto_chooses_on_a_validation_half(ws):
+    res = cli_json("apply", "-w", ws["ws"], "--sparsity", "auto", "--max-steps", "2", "--lr", "1e-3",
+                   "--preserve", ws["preserve"], "--check", ws["check"])
+    auto = res["auto"]
+    assert res["sparsity"] in {p["sparsity"] for p in auto["candidates"]}
+    assert auto["validation_images"] + res["holdout_images"] == json.loads(
+        (ws["ws"] / "workspace.json").read_text())["failing"].__len__() - res["edit_images"]
+    assert "not used to choose" in res["generalization_source"]
+
+
+@pytest.mark.parametrize("case", ["empty preserve", "preserve is check", "preserve holds a check image",
+                                  "check has an unknown class", "missing preserve"])
+def test_unusable_preserve_or_check_folders_get_one_line_and_an_exit_code(ws, tmp_path, case):
+    preserve, check = ws["preserve"], ws["check"]
+    expect_code, needle = 3, None
+    if case == "empty preserve":
+        preserve = tmp_path / "empty"
+        preserve.mkdir()
+        needle = "holds no image files"
+    elif case == "preserve is check":
+        preserve, expect_code, needle = check, 2, "must not be the ones it is measured on"
+    elif case == "preserve holds a check image":
+        preserve = tmp_path / "p"
+        shutil.copytree(ws["preserve"], preserve)
+        shutil.copyfile(next((check / "cat").iterdir()), preserve / "p" / "copy.png")
+        needle = "is the same image as"
+    elif case == "check has an unknown class":
+        check = tmp_path / "c"
+        shutil.copytree(ws["check"], check)
+        (check / "ship").rename(check / "submarine")
+        needle = "submarine"
+    else:
+        preserve, needle = tmp_path / "nowhere", "does not exist"
+    before = {p.name: p.read_bytes() for p in ws["ws"].iterdir() if p.is_file() and p.name != "lock"}
+    code, out, err = cli("apply", "-w", ws["ws"], "--max-steps", "1", "--preserve", preserve, "--check", check)
+    assert code == expect_code, err
+    assert needle in one_error_line(err) and out == ""
+    after = {p.name: p.read_bytes() for p in ws["ws"].iterdir() if p.is_file() and p.name != "lock"}
+    assert after == before  # nothing the user had is changed
