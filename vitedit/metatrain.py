@@ -590,7 +590,7 @@ def run_meta_train(model_opts, data: Path, blocks: str | None, cfg: MetaTrainCon
 
     from .errors import WorkspaceError
     from .models import load_model, parse_blocks
-    from .pipeline import resolve_device
+    from .device import resolve_device
 
     out = Path(out)
     if (out / "hypernet.safetensors").exists() and not resume:

@@ -1,0 +1,73 @@
+"""``vitedit apply``: one edit of the workspace's failures, measured, saved as a revertible patch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifacts import save_tensors, write_json
+from ..masks import validate_density
+from ..workspace import Workspace
+from .common import DEFAULT_SPARSITIES, Progress, _check_max_drop, _noop
+from .experiment import ExperimentOptions, _edit_and_measure, _prepare, _sets_info, _sweep
+from .report import recommend
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    """``sparsity``: the fraction of units to edit, or ``"auto"``: sweep the report's sparsities and
+    keep the one the report's rule picks, judged on a validation half of the held-out failures."""
+
+    workspace: Path = Path(".vitedit")
+    sparsity: float | str = 0.05
+    experiment: ExperimentOptions = ExperimentOptions()
+    max_accuracy_drop: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.sparsity != "auto":
+            validate_density(self.sparsity)
+        _check_max_drop(self.max_accuracy_drop)
+
+
+def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
+    ws = Workspace(cfg.workspace)
+    with ws.lock():
+        job = _prepare(ws, cfg.experiment, progress, validation=cfg.sparsity == "auto")
+        chosen = None
+        if cfg.sparsity == "auto":
+            # Choose on the validation half of the held-out failures; measure on the other half.
+            points = _sweep(job, DEFAULT_SPARSITIES, [job.edit_config.preserve_weight], [job.state["locator"]],
+                            progress, "choosing the sparsity", sets=job.validation)
+            chosen = recommend(points, job.state["locator"], cfg.max_accuracy_drop)
+            sparsity = chosen["sparsity"]
+        else:
+            sparsity = cfg.sparsity
+        point, patch = _edit_and_measure(job, job.state["locator"], sparsity, progress=progress)
+        provenance = {"sparsity": sparsity, "locator": job.state["locator"], "edit_config": job.edit_config.to_json(),
+                      "seed": job.seed, "edit_images": len(job.edit_rows),
+                      "preserve": str(job.preserve_dir) if job.preserve is not None else None,
+                      "metrics": {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before",
+                                                         "accuracy_after", "accuracy_drop", "flip_rate")}}
+        patch.save(ws.path("patch.safetensors"), job.loaded.identity, provenance)
+        edited_state = {k: v for k, v in job.loaded.model.state_dict().items()}
+        edited_state.update(patch.weights(job.loaded.model))
+        save_tensors(ws.path("edited.safetensors"), edited_state,
+                     {"kind": "edited-model", "model": job.loaded.identity, "architecture": job.loaded.name,
+                      "patch": str(ws.path("patch.safetensors")), **provenance})
+        result = {
+            **point,
+            "edit_lr": job.edit_config.lr,
+            "max_steps": job.edit_config.max_steps,
+            "edit_config": job.edit_config.to_json(),
+            "edit_images": len(job.edit_rows),
+            **_sets_info(job),
+            "auto": None if chosen is None else {
+                "rule": chosen["rule"], "qualifies": chosen["qualifies"], "validation_images": len(job.validation.holdout_labels),
+                "candidates": points},
+            "base": job.base,
+            "patch": str(ws.path("patch.safetensors")),
+            "edited_model": str(ws.path("edited.safetensors")),
+            "skipped_bad_images": [{"path": str(b.path), "reason": b.reason} for b in job.skipped],
+        }
+        write_json(ws.path("apply.json"), result)
+    return result

@@ -1,0 +1,165 @@
+"""``vitedit locate``: score every editable unit for a folder of failures and start a workspace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..artifacts import save_tensors, sha256_file
+from ..device import resolve_device
+from ..errors import InputDataError, UsageError
+from ..models import LoadedModel, load_model, parse_blocks
+from ..workspace import Workspace
+from .common import (DEFAULT_SPARSITIES, ModelOptions, Progress, _check_holdout, _image_batches, _noop,
+                     default_hypernet_for, split_rows)
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    failures: Path
+    model: ModelOptions = ModelOptions()
+    locator: str = "auto"            # auto: hypernet if one is available for the model, else gradient
+    hypernet: str | None = None
+    blocks: str | None = None
+    holdout: float = 0.3
+    seed: int = 0
+    workspace: Path = Path(".vitedit")
+    skip_bad_images: bool = False
+    max_edit_images: int | None = None  # cap on the edit images; every other failure is held out
+
+    def __post_init__(self) -> None:
+        _check_holdout(self.holdout)
+        if self.max_edit_images is not None and self.max_edit_images < 1:
+            raise UsageError(f"--edit-images {self.max_edit_images}: give at least 1")
+
+
+def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
+    import torch
+
+    from ..data import scan_labeled
+    from ..locate import aggregate, get_locator, score_batches
+
+    ws = Workspace(cfg.workspace)
+    with ws.lock():
+        progress("loading model", 0, 1)
+        loaded = load_model(cfg.model.name, weights=cfg.model.weights, labels_file=cfg.model.labels,
+                            device=resolve_device(cfg.model.device), offline=cfg.model.offline,
+                            img_size=cfg.model.img_size)
+        progress("loading model", 1, 1)
+        device = next(loaded.model.parameters()).device
+        blocks = parse_blocks(cfg.blocks, loaded.depth)
+        sites = tuple(loaded.sites(blocks))
+
+        locator, hypernet, hypernet_path, note = cfg.locator, None, None, None
+        if locator in ("auto", "hypernet"):
+            hypernet_path = _resolve_hypernet(cfg.hypernet, loaded, cfg.model.offline)
+            if hypernet_path is None and locator == "hypernet":
+                raise UsageError("--locator hypernet needs --hypernet PATH|NAME: no hypernetwork ships for "
+                                 f"{loaded.name}; train one with `vitedit meta-train` or use --locator gradient")
+            if hypernet_path is None:
+                locator = "gradient"
+                note = (f"no hypernetwork is available for {loaded.name}, so the gradient locator was used; "
+                        "pass --hypernet or train one with `vitedit meta-train`")
+            else:
+                from ..hypernet import load_hypernet
+
+                locator = "hypernet"
+                hypernet, _ = load_hypernet(hypernet_path, loaded.identity, sites)
+                hypernet.to(device)
+        get_locator(locator)  # validates the name before any image work
+
+        batches = _image_batches(scan_labeled(Path(cfg.failures), loaded.labels), loaded, cfg.skip_bad_images,
+                                 progress, "failures")
+        refs, bad = batches.refs, batches.bad
+        pred: list[int] = []
+
+        def failures_per_batch():
+            """One pass: the base model's predictions, and each batch's failures for the locator."""
+            for i, (x, chunk) in enumerate(batches):
+                progress(f"scoring units ({locator})", i, len(batches))
+                x = x.to(device)
+                y = torch.tensor([r.label for r in chunk], dtype=torch.long, device=device)
+                with torch.inference_mode():
+                    p = loaded.model(x).argmax(-1)
+                pred.extend(p.tolist())
+                wrong = p != y
+                yield x[wrong], y[wrong]
+            progress(f"scoring units ({locator})", len(batches), len(batches))
+
+        per_image = score_batches(locator, loaded.model, sites, failures_per_batch(), cfg.seed, hypernet)
+        failing = [i for i, (r, p) in enumerate(zip(refs, pred)) if p != r.label]
+        if not failing:
+            raise InputDataError(f"the model already classifies all {len(refs)} images in {cfg.failures} correctly; "
+                                 "there is nothing to edit (give images it gets wrong)")
+        failing_set = set(failing)
+        correct = [i for i in range(len(refs)) if i not in failing_set]
+        edit_rows, hold_rows = split_rows(len(failing), cfg.holdout, cfg.seed, cfg.max_edit_images)
+        scores = aggregate(per_image, sites, edit_rows, locator)
+
+        save_tensors(ws.path("scores.safetensors"), per_image,
+                     {"kind": "per-image-scores", "model": loaded.identity, "locator": locator,
+                      "sites": [s.to_json() for s in sites]})
+        # A new locate invalidates the previous job's outputs.
+        for stale in ("patch.safetensors", "patch.json", "edited.safetensors", "edited.json", "apply.json",
+                      "report.json"):
+            if ws.path(stale).exists():
+                ws.path(stale).unlink()
+        state = {
+            "vitedit_version": __version__,
+            "model": {"name": loaded.name, "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None,
+                      "labels_file": str(Path(cfg.model.labels).resolve()) if cfg.model.labels else None,
+                      "weights_sha256": loaded.weights_sha256, "img_size": cfg.model.img_size},
+            "labels": loaded.labels,
+            "sites": [s.to_json() for s in sites],
+            "locator": locator,
+            "hypernet": str(hypernet_path) if hypernet_path else None,
+            "failures_dir": str(Path(cfg.failures).resolve()),
+            # Failing images are kept by path and content hash, re-read in batches by apply/report/export.
+            "images": [{"path": str(Path(r.path).absolute()), "label": int(r.label), "prediction": int(p),
+                        **({"sha256": sha256_file(r.path)} if i in failing_set else {})}
+                       for i, (r, p) in enumerate(zip(refs, pred))],
+            "failing": failing,
+            "skipped": [{"path": str(b.path), "reason": b.reason} for b in bad],
+            "holdout": cfg.holdout,
+            "max_edit_images": cfg.max_edit_images,
+            "seed": cfg.seed,
+        }
+        ws.save_state(state)
+
+    total = scores.total
+    sites_out = []
+    for s in sites:
+        sc = scores.scores[s.param]
+        top = torch.topk(sc, k=min(5, s.units))
+        sites_out.append({**s.to_json(), "top_units": top.indices.tolist(),
+                          "top_scores": [round(float(v), 4) for v in top.values]})
+    selection = {}
+    for d in DEFAULT_SPARSITIES:
+        mask = scores.select(d)
+        selection[str(d)] = {"units": mask.selected,
+                             "per_site": {f"{s.block}.{s.matrix}": int(mask.indices[s.param].numel()) for s in sites}}
+    return {
+        "model": loaded.name,
+        "model_note": loaded.note,
+        "locator": locator,
+        "note": note,
+        "workspace": str(ws.root),
+        "sites": sites_out,
+        "total_units": total,
+        "failures": len(failing),
+        "already_correct": len(correct),
+        "already_correct_images": [str(refs[i].path) for i in correct],
+        "skipped_bad_images": [{"path": str(b.path), "reason": b.reason} for b in bad],
+        "edit_images": len(edit_rows),
+        "holdout_images": len(hold_rows),
+        "selection": selection,
+    }
+
+
+def _resolve_hypernet(spec: str | None, loaded: LoadedModel, offline: bool | None) -> Path | None:
+    if spec is None:
+        return default_hypernet_for(loaded)
+    from ..hub import resolve
+
+    return Path(resolve(spec, offline=offline))
