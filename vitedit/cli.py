@@ -179,6 +179,8 @@ NullspaceOpt = typer.Option(None, "--nullspace", help="Relative eigenvalue thres
 StopMarginOpt = typer.Option(None, "--stop-margin", help="Stop once every edit image's true class leads by this "
                              "probability margin, e.g. 0.2; 'off' = the paper's loss <= 0.01.")
 AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
+OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
+                        "instead of from the base model; every earlier edit is re-measured.")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
 
 
@@ -210,6 +212,8 @@ def locate(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks whose MLP may be edited, e.g. 7,8,9 or 7-9. Default: 3 blocks ending 2 before the last."),
     holdout: float = typer.Option(0.3, "--holdout", help="Share of the failures kept out of the edit to measure generalization."),
     edit_images: Optional[int] = typer.Option(None, "--edit-images", help="Edit with at most N failures; hold out all the others."),
+    on_top: bool = typer.Option(False, "--on-top", help="Score with the workspace's edited model and keep its edit history "
+                                "(then `apply --on-top` adds an edit). Without it a locate starts a new job from the base model."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
     skip_bad_images: bool = SkipBadOpt,
     workspace: Path = WorkspaceOpt,
@@ -223,7 +227,7 @@ def locate(
 
     ui = UI(as_json, quiet)
     cfg = LocateConfig(failures, ModelOptions(model, weights, labels, device, offline or None, img_size), locator, hypernet,
-                       blocks, holdout, seed, workspace, skip_bad_images, edit_images)
+                       blocks, holdout, seed, workspace, skip_bad_images, edit_images, on_top)
     with ui.progress() as progress:
         res = run_locate(cfg, progress)
     if as_json:
@@ -255,6 +259,7 @@ def apply(
     sparsity: str = typer.Option("0.05", "--sparsity", "-s", help="Fraction of units to EDIT (density), e.g. 0.05 edits the top 5% of units "
                                  "(the paper calls 1 - this the sparsity); 'auto' picks it by the report's rule on a validation half of the held-out failures."),
     objective: str = ObjectiveOpt,
+    on_top: bool = OnTopOpt,
     preserve: Optional[Path] = PreserveOpt,
     no_preserve: bool = NoPreserveOpt,
     check: Optional[Path] = CheckOpt,
@@ -282,7 +287,8 @@ def apply(
     ui = UI(as_json, quiet)
     experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment),
                                    holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
-                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check)
+                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
+                                   on_top=on_top)
     cfg = ApplyConfig(workspace, _sparsity(sparsity), experiment, max_accuracy_drop)
     with ui.progress() as progress:
         res = run_apply(cfg, progress)
@@ -297,7 +303,22 @@ def apply(
              ["metric", "before", "after", "on"], _apply_rows(res))
     ui.out.print(f"edited {res['units_edited']} units ({res['params_edited']:,} weights) in {res['steps']} steps"
                  f"{'' if res['converged'] else ' (stopped at --max-steps before every image was fixed)'}")
-    ui.out.print(f"patch: {res['patch']}\nedited model: {res['edited_model']}")
+    if res["interference"]:
+        _interference_table(ui, res)
+    ui.out.print(f"patch: {res['patch']}\nedited model: {res['edited_model']}"
+                 + (f" (edit {res['history_index']}, {res['history_edits']} in the history)" if res["history_edits"] > 1 else ""))
+
+
+def _interference_table(ui: "UI", res: dict) -> None:
+    c = res["cumulative"]
+    ui.table(f"After {c['edits']} edits: every earlier edit re-measured",
+             ["edit", "failures", "success", "generalization", "at the time", "retained"],
+             [[e["index"], e["failures"], _pct(e["success"]), _pct(e["generalization"]),
+               _pct(e["generalization_at_the_time"]), _pct(e["retained"])] for e in res["interference"]])
+    if c.get("accuracy_before") is not None:
+        ui.out.print(f"whole stack vs the base model: check accuracy {_pct(c['accuracy_before'])} -> "
+                     f"{_pct(c['accuracy_after'])} (drop {_points(c['accuracy_drop'])}), {_pct(c['flip_rate'])} of "
+                     f"predictions changed; locality {_pct(c.get('locality'))}")
 
 
 def _apply_rows(res: dict) -> list[list]:
@@ -322,6 +343,7 @@ def report(
     max_accuracy_drop: float = MaxDropOpt,
     min_locality: float = typer.Option(0.9, "--min-locality", help="Without a check set: recommend the best generalization with at least this locality."),
     objective: str = ObjectiveOpt,
+    on_top: bool = OnTopOpt,
     preserve: Optional[Path] = PreserveOpt,
     no_preserve: bool = NoPreserveOpt,
     check: Optional[Path] = CheckOpt,
@@ -347,7 +369,8 @@ def report(
     ui = UI(as_json, quiet)
     experiment = ExperimentOptions(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment), holdout,
                                    generalization, locality, seed, device, skip_bad_images, objective=objective,
-                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check)
+                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
+                                   on_top=on_top)
     cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot, experiment,
                        _floats(preserve_weights, "--preserve-weights"), max_accuracy_drop, html,
                        " ".join(["vitedit", *sys.argv[1:]]) if sys.argv and "vitedit" in sys.argv[0] else "vitedit report")
@@ -701,6 +724,47 @@ def benchmark(
             ui.out.print(f"  outside: {o['group']} k={o['edit_images']} {o['method']} {o['setting']:g} {o['metric']}: "
                          f"published {o['published']:.4f} +/- {o['published_ci95'] or 0:.4f}, rerun {o['rerun']:.4f}")
     ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (results.json, edits.csv, summary.csv, tradeoff.png)")
+
+
+@app.command("history")
+def history_cmd(
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """List the edits stacked in the workspace, with their figures when each was made."""
+    from .jobs.history import HistoryConfig, run_history
+
+    ui = UI(as_json, True)
+    res = run_history(HistoryConfig(workspace))
+    if as_json:
+        return ui.emit_json(res)
+    if not res["edits"]:
+        ui.out.print(f"no edits in {res['workspace']}; run `vitedit apply`")
+        return
+    ui.table(f"Edits in {res['workspace']} ({res['model']}), oldest first",
+             ["edit", "failures", "sparsity", "units", "success", "generalization", "drop (stack)", "flips (stack)",
+              "earlier edits retained"],
+             [[e["index"], e["failures_dir"], f"{e['sparsity']:g}", e["units_edited"], _pct(e["metrics"]["success"]),
+               _pct(e["metrics"]["generalization"]), _points(e["cumulative"].get("accuracy_drop")),
+               _pct(e["cumulative"].get("flip_rate")),
+               ", ".join(f"{i['index']}: {_pct(i['retained'])}" for i in e["interference"]) or "-"]
+              for e in res["edits"]])
+
+
+@app.command("revert")
+def revert_cmd(
+    index: Optional[int] = typer.Argument(None, help="The edit to remove (see `vitedit history`); default: the last."),
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove an edit from the workspace's stack: the last one, or one whose units no later edit touches."""
+    from .jobs.history import RevertConfig, run_revert
+
+    ui = UI(as_json, True)
+    res = run_revert(RevertConfig(workspace, index))
+    if as_json:
+        return ui.emit_json(res)
+    ui.out.print(f"reverted edit {res['reverted']}; remaining: {', '.join(map(str, res['remaining'])) or 'none (the base model)'}")
 
 
 @app.command("patch")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import save_tensors, write_json
+from ..artifacts import write_json
 from ..masks import validate_density
 from ..workspace import Workspace
 from .common import DEFAULT_SPARSITIES, Progress, _check_max_drop, _noop
 from .experiment import ExperimentOptions, _edit_and_measure, _prepare, _sets_info, _sweep
+from .history import record_edit
 from .report import recommend
 
 
@@ -48,12 +49,7 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
                       "preserve": str(job.preserve_dir) if job.preserve is not None else None,
                       "metrics": {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before",
                                                          "accuracy_after", "accuracy_drop", "flip_rate")}}
-        patch.save(ws.path("patch.safetensors"), job.loaded.identity, provenance)
-        edited_state = {k: v for k, v in job.loaded.model.state_dict().items()}
-        edited_state.update(patch.weights(job.loaded.model))
-        save_tensors(ws.path("edited.safetensors"), edited_state,
-                     {"kind": "edited-model", "model": job.loaded.identity, "architecture": job.loaded.name,
-                      "patch": str(ws.path("patch.safetensors")), **provenance})
+        recorded = record_edit(job, patch, point, provenance, progress)
         result = {
             **point,
             "edit_lr": job.edit_config.lr,
@@ -65,6 +61,8 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
                 "rule": chosen["rule"], "qualifies": chosen["qualifies"], "validation_images": len(job.validation.holdout_labels),
                 "candidates": points},
             "base": job.base,
+            "on_top_of": job.stacked,
+            **recorded,
             "patch": str(ws.path("patch.safetensors")),
             "edited_model": str(ws.path("edited.safetensors")),
             "skipped_bad_images": [{"path": str(b.path), "reason": b.reason} for b in job.skipped],

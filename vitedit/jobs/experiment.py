@@ -42,6 +42,7 @@ class ExperimentOptions:
     check: Path | None = None
     no_preserve: bool = False
     no_check: bool = False
+    on_top: bool = False             # edit on top of the workspace's edit history (see vitedit.history)
 
     def __post_init__(self) -> None:
         if self.holdout is not None:
@@ -85,6 +86,7 @@ class _Job:
     edit_images: object = None       # (B, C, H, W) preprocessed, for augmented edits
     validation: object = None        # evaluate.EvalSets on the validation half (``--sparsity auto``)
     refs: dict = field(default_factory=dict)  # set name -> ImageRefs in cache order (for galleries)
+    stacked: int = 0                 # edits of the history under this one (--on-top)
 
 
 def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
@@ -101,6 +103,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     skip_bad = opts.skip_bad_images
     state = ws.state()
     loaded = _load_workspace_model(ws, state, opts.device)
+    stacked = _stack(ws, state, loaded, opts.on_top)
     sites = tuple(Site.from_json(d) for d in state["sites"])
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
@@ -201,7 +204,25 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                 skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
                 edit_images=edit_images, validation=val_sets,
                 refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
-                      "check": c_refs, "locality": l_refs})
+                      "check": c_refs, "locality": l_refs}, stacked=stacked)
+
+
+def _stack(ws: Workspace, state: dict, loaded: LoadedModel, on_top: bool) -> int:
+    """``on_top``: write the edit history into ``loaded.model`` (checked to be what locate scored on)."""
+    from ..history import History
+
+    scored_on = int(state.get("on_top_of") or 0)
+    if not on_top:
+        if scored_on:
+            raise UsageError(f"`vitedit locate --on-top` scored these failures on top of {scored_on} earlier edit(s); "
+                             "pass --on-top here too, or run `vitedit locate` without it to start from the base model")
+        return 0
+    identity = loaded.identity  # the base model's, before the stack goes in
+    stacked = History(ws).apply_stack(loaded.model, identity) if History(ws).exists else 0
+    if stacked != scored_on:
+        raise UsageError(f"the workspace holds {stacked} edit(s) but locate scored on top of {scored_on}; run "
+                         "`vitedit locate FAILURES --on-top` again")
+    return stacked
 
 
 def check_disjoint(preserve_dir: Path, preserve_refs: Sequence["ImageRef"], measured: dict) -> None:

@@ -70,6 +70,9 @@ def run_export(job: ExportJob, progress: Progress = _noop) -> dict:
             loaded = _load_workspace_model(ws, state, "cpu")
             examples = _example_images(loaded, ws, job.max_images)
             patch_meta = None
+            from .history import sync
+
+            sync(ws, loaded)  # the combined patch holds the whole edit history
             if not job.base:
                 patch, patch_meta = Patch.load(ws.require("patch.safetensors", "apply"), loaded.identity)
                 patch.apply(loaded.model)  # our own freshly loaded copy

@@ -9,6 +9,7 @@ from .. import __version__
 from ..artifacts import save_tensors, sha256_file
 from ..device import resolve_device
 from ..errors import InputDataError, UsageError
+from ..history import History
 from ..models import LoadedModel, load_model, parse_blocks
 from ..workspace import Workspace
 from .common import (DEFAULT_SPARSITIES, ModelOptions, Progress, _check_holdout, _image_batches, _noop,
@@ -27,6 +28,7 @@ class LocateConfig:
     workspace: Path = Path(".vitedit")
     skip_bad_images: bool = False
     max_edit_images: int | None = None  # cap on the edit images; every other failure is held out
+    on_top: bool = False             # score with the workspace's edited model and keep its edit history
 
     def __post_init__(self) -> None:
         _check_holdout(self.holdout)
@@ -50,6 +52,9 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
         device = next(loaded.model.parameters()).device
         blocks = parse_blocks(cfg.blocks, loaded.depth)
         sites = tuple(loaded.sites(blocks))
+        stacked = 0
+        if cfg.on_top:
+            stacked = _stack_for_locate(ws, loaded, sites)
 
         locator, hypernet, hypernet_path, note = cfg.locator, None, None, None
         if locator in ("auto", "hypernet"):
@@ -100,11 +105,14 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
         save_tensors(ws.path("scores.safetensors"), per_image,
                      {"kind": "per-image-scores", "model": loaded.identity, "locator": locator,
                       "sites": [s.to_json() for s in sites]})
-        # A new locate invalidates the previous job's outputs.
-        for stale in ("patch.safetensors", "patch.json", "edited.safetensors", "edited.json", "apply.json",
-                      "report.json"):
-            if ws.path(stale).exists():
-                ws.path(stale).unlink()
+        # A new locate invalidates the previous job's outputs (with --on-top: only the last report).
+        stale = ("report.json",) if cfg.on_top else ("patch.safetensors", "patch.json", "edited.safetensors",
+                                                       "edited.json", "apply.json", "report.json")
+        for name in stale:
+            if ws.path(name).exists():
+                ws.path(name).unlink()
+        if not cfg.on_top:
+            History(ws).clear()
         state = {
             "vitedit_version": __version__,
             "model": {"name": loaded.name, "weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None,
@@ -124,6 +132,7 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
             "holdout": cfg.holdout,
             "max_edit_images": cfg.max_edit_images,
             "seed": cfg.seed,
+            "on_top_of": stacked,
         }
         ws.save_state(state)
 
@@ -154,7 +163,21 @@ def run_locate(cfg: LocateConfig, progress: Progress = _noop) -> dict:
         "edit_images": len(edit_rows),
         "holdout_images": len(hold_rows),
         "selection": selection,
+        "on_top_of": stacked,
     }
+
+
+def _stack_for_locate(ws: Workspace, loaded: LoadedModel, sites) -> int:
+    """``--on-top``: write the workspace's edit stack into ``loaded.model``; the number of edits."""
+    history = History(ws)
+    if not history.exists:
+        return 0
+    identity = loaded.identity  # the base model's, computed before the stack goes in
+    old = ws.state() if ws.exists else {}
+    if [s.to_json() for s in sites] != old.get("sites"):
+        raise UsageError("--on-top edits the same units as the workspace's earlier edits; leave out --blocks (or give "
+                         "the same blocks as before)")
+    return history.apply_stack(loaded.model, identity)
 
 
 def _resolve_hypernet(spec: str | None, loaded: LoadedModel, offline: bool | None) -> Path | None:

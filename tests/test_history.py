@@ -1,0 +1,160 @@
+"""Many edits in one model: the workspace's edit stack through the CLI (locate/apply --on-top,
+history, revert) and its invariants: stacking then reverting gives the base back bit for bit, the
+combined patch equals the stack applied in order, overlapping reverts are refused, a history for
+another model is refused, an interrupted apply leaves the previous history intact.
+
+timm's ``test_vit`` with a local weights file and generated image folders, CPU, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import write_images
+from safetensors.torch import load_file
+from test_cli import cli, cli_json, model_args, one_error_line
+
+from vitedit.edit import Patch
+
+FAST = ["--max-steps", "3", "--lr", "1e-3", "--objective", "plain"]
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory, tiny_weights, labels_file):
+    """Two edits stacked: group A from the base, group B on top; the state after each is kept."""
+    root = tmp_path_factory.mktemp("history")
+    a = write_images(root / "a", {"cat": 6, "dog": 6}, seed=11)
+    b = write_images(root / "b", {"T-shirt_top": 6, "ship": 6}, seed=12)
+    ws = root / "ws"
+    cli_json("locate", a, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random")
+    first = cli_json("apply", "-w", ws, "--sparsity", "0.05", *FAST)
+    after_a = load_file(str(ws / "edited.safetensors"))
+    shutil.copytree(ws, root / "ws-after-a")
+    located = cli_json("locate", b, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random",
+                       "--on-top", "--seed", "1")
+    second = cli_json("apply", "-w", ws, "--sparsity", "0.05", "--on-top", *FAST)
+    return {"root": root, "ws": ws, "first": first, "second": second, "located": located, "after_a": after_a,
+            "base": load_file(str(tiny_weights)), "a": a, "b": b}
+
+
+def test_on_top_stacks_and_remeasures_the_earlier_edit(stacked):
+    assert stacked["located"]["on_top_of"] == 1
+    second = stacked["second"]
+    assert second["on_top_of"] == 1 and second["history_edits"] == 2 and second["history_index"] == 2
+    (earlier,) = second["interference"]
+    assert earlier["index"] == 1 and earlier["success_images"] == stacked["first"]["edit_images"]
+    assert earlier["generalization_at_the_time"] == stacked["first"]["generalization"]
+    hist = cli_json("history", "-w", stacked["ws"])
+    assert [e["index"] for e in hist["edits"]] == [1, 2]
+    assert hist["edits"][1]["interference"] == second["interference"]
+
+
+def test_combined_patch_equals_the_stack_applied_in_order(stacked):
+    ws = stacked["ws"]
+    state = {k: v.clone() for k, v in stacked["base"].items()}
+    for name in ("001", "002"):
+        p, _ = Patch.load(ws / "patches" / f"{name}.safetensors")
+        for s in p.sites:
+            w = state[s.param]
+            assert torch.equal(w.index_select(s.dim, p.indices[s.param]), p.old[s.param])
+            w.index_copy_(s.dim, p.indices[s.param], p.new[s.param])
+    combined, _ = Patch.load(ws / "patch.safetensors")
+    via_combined = {k: v.clone() for k, v in stacked["base"].items()}
+    for s in combined.sites:
+        via_combined[s.param].index_copy_(s.dim, combined.indices[s.param], combined.new[s.param])
+    edited = load_file(str(ws / "edited.safetensors"))
+    for k in state:
+        assert torch.equal(state[k], via_combined[k]) and torch.equal(state[k], edited[k]), k
+    assert any(not torch.equal(edited[k], stacked["after_a"][k]) for k in edited)  # edit 2 changed something
+
+
+def test_stack_then_revert_gives_each_earlier_state_bit_for_bit(stacked, tmp_path):
+    ws = shutil.copytree(stacked["ws"], tmp_path / "ws")
+    (ws / "lock").unlink(missing_ok=True)
+    assert cli_json("revert", "-w", ws)["remaining"] == [1]
+    edited = load_file(str(ws / "edited.safetensors"))
+    assert set(edited) == set(stacked["after_a"])
+    assert all(torch.equal(edited[k], stacked["after_a"][k]) for k in edited)
+    assert not (ws / "patches" / "002.safetensors").exists()
+    assert cli_json("revert", "-w", ws)["remaining"] == []
+    assert not (ws / "edited.safetensors").exists() and not (ws / "patch.safetensors").exists()
+    code, _, err = cli("revert", "-w", ws)
+    assert code == 2 and "no edit to revert" in one_error_line(err)
+
+
+def test_reverting_an_edit_a_later_one_overlaps_is_refused(tmp_path, tiny_weights, labels_file):
+    a = write_images(tmp_path / "a", {"cat": 6, "dog": 6}, seed=11)
+    b = write_images(tmp_path / "b", {"T-shirt_top": 6, "ship": 6}, seed=12)
+    ws = tmp_path / "ws"
+    cli_json("locate", a, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random")
+    cli_json("apply", "-w", ws, "--sparsity", "0.5", *FAST)
+    cli_json("locate", b, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random", "--on-top",
+             "--seed", "3")
+    cli_json("apply", "-w", ws, "--sparsity", "0.5", "--on-top", *FAST)  # half the units each: they overlap
+    before = (ws / "history.json").read_bytes()
+    code, out, err = cli("revert", "1", "-w", ws)
+    assert code == 2 and "edit 1 cannot be reverted alone: edit 2" in one_error_line(err)
+    assert (ws / "history.json").read_bytes() == before
+    code, _, err = cli("revert", "7", "-w", ws)
+    assert code == 2 and "there is no edit 7" in one_error_line(err)
+
+
+def test_a_history_made_for_another_model_is_refused(stacked, tmp_path):
+    ws = shutil.copytree(stacked["ws"], tmp_path / "ws")
+    (ws / "lock").unlink(missing_ok=True)
+    data = json.loads((ws / "history.json").read_text())
+    data["model"]["weights_sha256"] = "f" * 64
+    (ws / "history.json").write_text(json.dumps(data))
+    for args in (["history"], ["revert"], ["export", tmp_path / "m.onnx"]):
+        code, out, err = cli(*args, "-w", ws)
+        assert code == 8 and "edit history" in one_error_line(err), args
+
+
+def test_apply_without_on_top_after_locate_on_top_is_refused(stacked, tmp_path):
+    ws = shutil.copytree(stacked["ws"], tmp_path / "ws")
+    (ws / "lock").unlink(missing_ok=True)
+    code, _, err = cli("apply", "-w", ws, *FAST)
+    assert code == 2 and "pass --on-top here too" in one_error_line(err)
+
+
+def test_an_interrupted_apply_leaves_the_previous_history_intact(stacked, tmp_path, monkeypatch):
+    from vitedit.history import History
+
+    ws = shutil.copytree(stacked["root"] / "ws-after-a", tmp_path / "ws")
+    (ws / "lock").unlink(missing_ok=True)
+    history_before = (ws / "history.json").read_bytes()
+    combined_before = (ws / "patch.safetensors").read_bytes()
+    cli_json("locate", stacked["b"], "-w", ws, "--locator", "random", "--on-top", "--seed", "1",
+             *model_args(*_model_files(stacked)))
+
+    def crash(self, data):
+        raise KeyboardInterrupt  # the process dies at the history's commit point
+
+    monkeypatch.setattr(History, "write", crash)
+    code, _, _ = cli("apply", "-w", ws, "--on-top", *FAST)
+    assert code == 130
+    monkeypatch.undo()
+    assert (ws / "history.json").read_bytes() == history_before
+    assert (ws / "patch.safetensors").read_bytes() != combined_before  # the derived file got ahead ...
+    res = cli_json("export", tmp_path / "m.onnx", "-w", ws)             # ... and is rebuilt from the history
+    assert res["base"] is False
+    assert (ws / "patch.safetensors").read_bytes() == combined_before or json.loads(
+        (ws / "history.json").read_text())["combined_sha256"] == _sha(ws / "patch.safetensors")
+    edited = load_file(str(ws / "edited.safetensors"))
+    assert all(torch.equal(edited[k], stacked["after_a"][k]) for k in edited)
+
+
+def _model_files(stacked):
+    state = json.loads((stacked["ws"] / "workspace.json").read_text())["model"]
+    from pathlib import Path
+
+    return Path(state["weights"]), Path(state["labels_file"])
+
+
+def _sha(path):
+    from vitedit.artifacts import sha256_file
+
+    return sha256_file(path)
