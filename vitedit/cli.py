@@ -676,6 +676,10 @@ def benchmark(
     seed: int = typer.Option(0, "--seed"),
     compare: Optional[Path] = typer.Option(
         None, "--compare", help="A published results.json: check that every mean of this run lies within its 95% CI."),
+    sequential: bool = typer.Option(False, "--sequential", help="Many edits in one model instead: every group edited one "
+                                    "after another (and all at once), each earlier edit re-measured after every edit."),
+    orders: int = typer.Option(2, "--orders", help="With --sequential: seeded orders of the groups."),
+    editors: str = typer.Option("plain,local", "--editors", help="With --sequential: plain and/or local."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -683,6 +687,8 @@ def benchmark(
     from .benchmark import METRICS, BenchmarkConfig, format_ci, run_benchmark
 
     ui = UI(as_json, quiet)
+    if sequential:
+        return _sequential(ui, groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities)
     cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
@@ -765,6 +771,31 @@ def revert_cmd(
     if as_json:
         return ui.emit_json(res)
     ui.out.print(f"reverted edit {res['reverted']}; remaining: {', '.join(map(str, res['remaining'])) or 'none (the base model)'}")
+
+
+def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities) -> None:
+    from .sequential import SequentialConfig, run_sequential
+
+    images = _floats(edit_images, "--edit-images")
+    sparsity = _floats(sparsities, "--sparsities")
+    cfg = SequentialConfig(tuple(e.strip() for e in editors.split(",") if e.strip()),
+                           int(images[0]) if edit_images != "1,3" else 10, orders,
+                           sparsity[0] if sparsities != "0.01,0.02,0.05,0.1,0.25,0.5" else 0.05, seed,
+                           out if str(out) != "benchmark-results" else Path("benchmark-sequential"), check, preserve,
+                           locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None)
+    with ui.progress() as progress:
+        res = run_sequential(cfg, progress)
+    if ui.as_json:
+        return ui.emit_json({k: v for k, v in res.items() if k != "rows"})
+    ui.table(f"{len(res['groups'])} groups, {res['edit_images']} edit images each, sparsity {res['sparsity']:g}, "
+             f"{res['orders']} orders: after the last edit (mean over orders +/- 95% CI)",
+             ["editor", "arm", "edits", "generalization", "retained", "still fixed", "worst group retained",
+              "accuracy drop (points)", "flip rate"],
+             [[r["editor"], r["arm"], r["edits"], _pct(r.get("mean_generalization")), _pct(r.get("mean_retained")),
+               _pct(r.get("mean_still_fixed")), _pct(r.get("worst_group_retained")),
+               "n/a" if r.get("accuracy_drop") is None else f"{r['accuracy_drop']:.2f}", _pct(r.get("flip_rate"))]
+              for r in res["summary"]])
+    ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (sequential.json, sequential.png)")
 
 
 @app.command("patch")
