@@ -27,6 +27,14 @@ before the method; ``ru_maxrss`` where that is not possible) over the RSS just b
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_edit.py            # defaults: 10 steps, 1 thread
     .venv/bin/python benchmarks/bench_edit.py --steps 5 --threads 2 --json
+
+``--objectives``: instead, the time per step of the local editor (``--objective local`` and each of
+its terms alone) against the plain one, in the same run, on the embedded default model (10 edit
+images of the shirt group, the bundled preserve set) and on ``--model`` (random init, ``--images``
+random images, a preserve set of 256 random images). Every variant runs ``--steps`` steps (the stop
+rule is switched off), interleaved ``--repeats`` times; the fastest CPU time per step counts.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_edit.py --objectives --steps 10
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print one JSON object (last line of stdout)")
+    ap.add_argument("--objectives", action="store_true", help="time the local editor against plain (see above)")
     ap.add_argument("--memory-worker", choices=["vitedit", "full", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -248,9 +257,84 @@ def time_methods(args) -> dict:
     return out
 
 
+TARGET_LOCAL_RATIO = 2.0  # local editor's time per step over plain's
+
+
+def time_objectives(args) -> dict:
+    """CPU seconds per step of each objective on two models; the ratio of local over plain."""
+    import dataclasses
+
+    import torch
+
+    from vitedit.data import load_tensors, scan_labeled, scan_unlabeled
+    from vitedit.edit import EditConfig, edit, objective_config
+    from vitedit.locate import LocateInputs, random_locator
+    from vitedit.masks import UnitScores
+    from vitedit.models import DEFAULT_ASSETS, find_sites, default_blocks, load_model
+    from vitedit.preserve import build_preserve_set
+
+    def cases():
+        loaded = load_model(None)
+        sites = tuple(loaded.sites())
+        x, good, _ = load_tensors(scan_labeled(DEFAULT_ASSETS / "failures" / "shirt", loaded.labels)[:10],
+                                  loaded.transform, loaded.channels)
+        px, _, _ = load_tensors(scan_unlabeled(DEFAULT_ASSETS / "preserve"), loaded.transform, loaded.channels)
+        yield "vitedit/fashion-vit", loaded.model, sites, x, torch.tensor([r.label for r in good]), px
+        import timm
+
+        torch.manual_seed(args.seed)
+        model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        sites = tuple(find_sites(model, default_blocks(len(model.blocks))))
+        gen = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(args.images, 3, args.img_size, args.img_size, generator=gen)
+        px = torch.randn(256, 3, args.img_size, args.img_size, generator=gen)
+        yield f"{args.model} (random init)", model, sites, x, torch.randint(0, model.num_classes, (args.images,), generator=gen), px
+
+    local = objective_config("local", lr=1e-4, max_steps=args.steps)
+    variants = {"plain": EditConfig(lr=1e-4, max_steps=args.steps), "local": local,
+                "preservation term only": dataclasses.replace(local, augment=0, nullspace_threshold=None),
+                "augmentation only": EditConfig(lr=1e-4, max_steps=args.steps, augment=local.augment or 1),
+                "null-space projection only": EditConfig(lr=1e-4, max_steps=args.steps, nullspace_threshold=0.1)}
+    variants = {k: dataclasses.replace(v, loss_threshold=0.0, stop_margin=None) for k, v in variants.items()}
+    out = {}
+    for name, model, sites, x, y, px in cases():
+        preserve = build_preserve_set(model, sites, px)
+        scores = random_locator(LocateInputs(model, sites, None, None, seed=args.seed))
+        mask = UnitScores(sites, {p: v[0] for p, v in scores.items()}, "random").select(args.density)
+        cpu: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for k, cfg in variants.items():
+                t = time.process_time()
+                res = edit(model, mask, x, y, cfg, preserve=preserve if cfg.uses_preserve else None)
+                cpu[k].append((time.process_time() - t) / max(res.steps, 1))
+        best = {k: min(v[1:]) for k, v in cpu.items()}
+        out[name] = {"cpu_s_per_step": best, "ratio_local_over_plain": best["local"] / best["plain"],
+                     "ratios": {k: best[k] / best["plain"] for k in best}, "edit_images": len(x),
+                     "preserve_batch": local.preserve_batch, "augment": local.augment}
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.objectives:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = time_objectives(args)
+        for name, r in res.items():
+            print(f"{name}: {r['edit_images']} edit images, {args.steps} steps, fastest of {args.repeats} interleaved runs")
+            for k, v in r["cpu_s_per_step"].items():
+                print(f"  {k:<27} CPU {v:7.4f} s/step   {r['ratios'][k]:5.2f}x plain")
+        worst = max(r["ratio_local_over_plain"] for r in res.values())
+        print(f"local / plain time per step, worst of the two models: {worst:.2f}x (target <= {TARGET_LOCAL_RATIO}x): "
+              f"{'PASS' if worst <= TARGET_LOCAL_RATIO else 'MISS'}")
+        if args.json:
+            print(json.dumps({"benchmark": "edit-objectives", "steps": args.steps, "models": res,
+                              "worst_ratio": worst, "target": TARGET_LOCAL_RATIO}))
+        return
     if args.memory_worker:
         memory_worker(args)
         return

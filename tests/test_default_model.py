@@ -98,7 +98,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     group = min(examples(), key=lambda g: g["failures"])["group"]
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--group", group, "--edit-images", "3", "--json", "--quiet"])
+        main(["demo", "--group", group, "--edit-images", "3", "--sparsities", "0.05", "--preserve-weights", "3",
+              "--json", "--quiet"])
     assert e.value.code == 0
     res = json.loads(capsys.readouterr().out)
     assert res["apply"]["success"] == 1.0
@@ -106,3 +107,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert res["export"]["top1_agreement"] == 1.0 and res["export"]["max_abs_diff"] <= 1e-4
     assert {p["locator"] for p in res["report"]["points"]} >= {"random"}
     assert (tmp_path / "vitedit-demo" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the local editor with the bundled preserve and check sets, and the HTML page of the edit
+    assert res["apply"]["objective"] == "local" and res["apply"]["preserve_images"] == 2000
+    assert res["apply"]["check_images"] == 1000 and res["apply"]["accuracy_drop"] is not None
+    page = (tmp_path / "vitedit-demo" / "report.html").read_text()
+    assert res["report"]["html"].endswith("report.html") and page.count('class="thumb"') >= res["apply"]["edit_images"]

@@ -602,6 +602,8 @@ def demo(
     sparsity: float = typer.Option(0.05, "--sparsity", help="Fraction of units to edit."),
     edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
     objective: str = ObjectiveOpt,
+    sparsities: str = typer.Option("0.02,0.05,0.25", "--sparsities", help="The report step's sparsities."),
+    preserve_weights: str = typer.Option("1,3,10", "--preserve-weights", help="The report step's preservation weights."),
     device: str = DeviceOpt,
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
@@ -612,8 +614,9 @@ def demo(
 
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
-        res = run_demo(DemoConfig(group, out, sparsity, device=device, seed=seed, edit_images=edit_images,
-                                  objective=objective), progress)
+        res = run_demo(DemoConfig(group, out, sparsity, _floats(sparsities, "--sparsities"), device=device, seed=seed,
+                                  edit_images=edit_images, objective=objective,
+                                  preserve_weights=_floats(preserve_weights, "--preserve-weights")), progress)
     if as_json:
         return ui.emit_json(res)
     loc, app_, rep, exp = res["locate"], res["apply"], res["report"], res["export"]

@@ -45,7 +45,7 @@ class DemoConfig:
     group: str | None = None          # None: the group with the most failures
     out: Path = Path("vitedit-demo")
     sparsity: float = 0.05
-    sparsities: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
+    sparsities: tuple[float, ...] = (0.02, 0.05, 0.25)
     device: str = "cpu"
     seed: int = 0
     edit_images: int = 10

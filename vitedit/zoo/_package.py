@@ -53,13 +53,14 @@ def in_distribution_test(data: dict, manifest: dict) -> np.ndarray:
     return np.flatnonzero(~withheld)
 
 
-def write_test_images(data: dict, manifest: dict, out: Path) -> int:
-    """Every in-distribution test image as ``out/<class folder>/<test index>.png``; replaces ``out``."""
+def write_test_images(data: dict, manifest: dict, out: Path, everything: bool = False) -> int:
+    """Every in-distribution test image (``everything``: all 10,000, withheld groups included) as
+    ``out/<class folder>/<test index>.png``; replaces ``out``."""
     from vitedit.data import safe_label_name
 
     from .fashion import LABELS
 
-    idx = in_distribution_test(data, manifest)
+    idx = np.arange(len(data["test_y"])) if everything else in_distribution_test(data, manifest)
     if out.exists():
         shutil.rmtree(out)
     for i in idx:

@@ -23,7 +23,9 @@ scale, with real data (see docs/default-model.md):
 
 ``test-images`` (not part of ``build``) writes every in-distribution test image to
 ``<work>/test-images/<class folder>/<test index>.png``: a pool for larger locality sets
-(``vitedit sensitive build/fashion/test-images -o DIR --margin M``).
+(``vitedit sensitive build/fashion/test-images -o DIR --margin M``) and the 7,953-image check set
+an edit is scored on; ``all-test-images`` writes all 10,000 test images (withheld groups included)
+to ``<work>/all-test-images/``.
 
 The Fashion-MNIST files come from the Debian package ``dataset-fashion-mnist``; the shipped
 package never needs them at run time.
@@ -262,7 +264,7 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vitedit.zoo.fashion", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=["split", "train", "restart", "package", "build", "test-images", "preserve"])
+    p.add_argument("step", choices=["split", "train", "restart", "package", "build", "test-images", "all-test-images", "preserve"])
     p.add_argument("--work", type=Path, default=Path("build/fashion"), help="working directory")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--seed", type=int, default=0)
@@ -310,10 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         from vitedit.zoo._package import write_preserve
         n = write_preserve(data, manifest, args.assets / "preserve", seed=args.seed)
         print(f"{n} in-distribution training images in {args.assets / 'preserve'}", flush=True)
-    if args.step == "test-images":
+    if args.step in ("test-images", "all-test-images"):
         from vitedit.zoo._package import write_test_images
-        n = write_test_images(data, manifest, args.work / "test-images")
-        print(f"{n} in-distribution test images in {args.work / 'test-images'}", flush=True)
+        n = write_test_images(data, manifest, args.work / args.step, everything=args.step == "all-test-images")
+        print(f"{n} {'in-distribution ' if args.step == 'test-images' else ''}test images in {args.work / args.step}",
+              flush=True)
 
 
 if __name__ == "__main__":
