@@ -266,12 +266,12 @@ def test_a_failed_command_never_removes_an_existing_workspace(job, tmp_path, lab
     ws = copy_workspace(job, tmp_path / "ws")
     empty = tmp_path / "empty"
     empty.mkdir()
-    before = {p.name: p.read_bytes() for p in ws.iterdir()}
+    before = {p.name: p.read_bytes() for p in ws.rglob("*") if p.is_file()}
     for folder in (ws, empty):
         code, _, err = cli("locate", job["failures"], "--model", "test_vit", "--weights", tmp_path / "nope.safetensors",
                            "--labels", labels_file, "-w", folder)
         assert code == 4, err
-    after = {p.name: p.read_bytes() for p in ws.iterdir() if p.name != "lock"}
+    after = {p.name: p.read_bytes() for p in ws.rglob("*") if p.is_file() and p.name != "lock"}
     assert after == before  # every file kept, byte for byte
     assert empty.is_dir()  # a folder the user made is theirs, even when it only holds our lock file
 
