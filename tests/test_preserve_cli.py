@@ -111,3 +111,11 @@ def test_unusable_preserve_or_check_folders_get_one_line_and_an_exit_code(ws, tm
     assert needle in one_error_line(err) and out == ""
     after = {p.name: p.read_bytes() for p in ws["ws"].iterdir() if p.is_file() and p.name != "lock"}
     assert after == before  # nothing the user had is changed
+
+
+def test_a_preserve_set_over_the_cache_budget_is_cut_to_a_seeded_subset(ws, monkeypatch):
+    monkeypatch.setenv("VITEDIT_CACHE_BUDGET_MB", "0.05")  # ~52 KB: a few test_vit images' tokens
+    res = cli_json("apply", "-w", ws["ws"], "--max-steps", "1", "--lr", "1e-3", "--preserve", ws["preserve"],
+                   "--check", ws["check"])
+    assert 1 <= res["preserve_images"] < 24
+    assert any(f"a seeded {res['preserve_images']} of its 24 images were used" in n for n in res["notes"])
