@@ -477,7 +477,7 @@ def test_progress_in_a_log_reports_long_tasks_by_tenths_and_quick_ones_not_at_al
         update("slow", done, 100)
     lines = capsys.readouterr().err.splitlines()
     assert not any(line.startswith("quick") for line in lines)
-    assert lines[0] == "slow: 30/100 (30s)" and lines[-1] == "slow: 100/100 (100s)"
+    assert lines[0] == "slow: 30/100 (30s, about 70s left)" and lines[-1] == "slow: 100/100 (100s)"
     assert len(lines) == 8  # tenths 3..10, once each
 
 

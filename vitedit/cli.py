@@ -68,11 +68,13 @@ class UI:
         if not self.err.is_terminal:
             yield self._log_progress()
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         tasks: dict[str, int] = {}
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=self.err, transient=True) as bar:
+                      TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.err,
+                      transient=True) as bar:
             def update(desc: str, done: int, total: int, info: str = "") -> None:
                 if desc not in tasks:
                     tasks[desc] = bar.add_task(desc, total=total, info=info)
@@ -92,7 +94,8 @@ class UI:
             if elapsed < after or tenth <= shown.get(desc, -1):
                 return
             shown[desc] = tenth
-            line = f"{desc}: {done}/{total} ({elapsed:.0f}s)" + (f" {info}" if info else "")
+            left = f", about {elapsed / done * (total - done):.0f}s left" if 0 < done < total else ""
+            line = f"{desc}: {done}/{total} ({elapsed:.0f}s{left})" + (f" {info}" if info else "")
             self.err.print(line, highlight=False, markup=False, soft_wrap=True)
 
         return update
@@ -302,7 +305,7 @@ def apply(
     ui.table(f"Edit at sparsity {res['sparsity']:g} ({res['locator']} mask, {res['objective']} objective)",
              ["metric", "before", "after", "on"], _apply_rows(res))
     ui.out.print(f"edited {res['units_edited']} units ({res['params_edited']:,} weights) in {res['steps']} steps"
-                 f"{'' if res['converged'] else ' (stopped at --max-steps before every image was fixed)'}")
+                 + _stop_note(res))
     if res["interference"]:
         _interference_table(ui, res)
     ui.out.print(f"patch: {res['patch']}\nedited model: {res['edited_model']}"
@@ -319,6 +322,14 @@ def _interference_table(ui: "UI", res: dict) -> None:
         ui.out.print(f"whole stack vs the base model: check accuracy {_pct(c['accuracy_before'])} -> "
                      f"{_pct(c['accuracy_after'])} (drop {_points(c['accuracy_drop'])}), {_pct(c['flip_rate'])} of "
                      f"predictions changed; locality {_pct(c.get('locality'))}")
+
+
+def _stop_note(res: dict) -> str:
+    if res["converged"]:
+        return ""
+    if res["success"] == 1.0:
+        return " (all of --max-steps: every edit image is fixed, but the stopping rule's loss was not reached)"
+    return " (stopped at --max-steps before every image was fixed)"
 
 
 def _apply_rows(res: dict) -> list[list]:

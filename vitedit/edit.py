@@ -261,10 +261,11 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
 
     # Null-space projectors, right-multiplied onto each slice's update: fc1 (k, D) @ (D, D),
     # fc2 (D_out, k) @ (k, k).
+    if config.uses_preserve and preserve.start != start:
+        raise UsageError(f"the preserve set was cached at block {preserve.start}, the edit starts at block {start}; "
+                         "build it for the same edited blocks")
     projectors = {}
     if config.nullspace_threshold is not None:
-        if preserve.start != start:
-            raise UsageError(f"the preserve set was cached at block {preserve.start}, the edit starts at block {start}")
         projectors = {s.param: preserve.projector(s, idx[s.param], config.nullspace_threshold).to(tokens.device)
                       for s in sites}
     use_kl = config.preserve_weight > 0
