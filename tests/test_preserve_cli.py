@@ -119,3 +119,15 @@ def test_a_preserve_set_over_the_cache_budget_is_cut_to_a_seeded_subset(ws, monk
                    "--check", ws["check"])
     assert 1 <= res["preserve_images"] < 24
     assert any(f"a seeded {res['preserve_images']} of its 24 images were used" in n for n in res["notes"])
+
+
+def test_an_edit_reports_every_step_with_its_loss(ws):
+    """Long edits (a real ViT at 224 px runs seconds a step) show progress: one call per step."""
+    from vitedit.pipeline import ApplyConfig, ExperimentOptions, run_apply
+
+    seen = []
+    run_apply(ApplyConfig(ws["ws"], 0.05, ExperimentOptions(edit={"max_steps": 4, "lr": 1e-3}, objective="plain")),
+              lambda desc, done, total, info="": seen.append((desc, done, total, info)))
+    steps = [s for s in seen if s[0] == "editing" and s[3].startswith("loss")]
+    assert [s[1] for s in steps] == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 4
+    assert all(s[2] == 4 for s in steps)
