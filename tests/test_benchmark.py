@@ -205,3 +205,26 @@ def test_group_gradient_upper_bound_runs_only_when_named(tmp_path):
     assert {e["method"] for e in saved["edits"]} == {"group-gradient"}
     assert all(e["success"] is not None and 0 <= e["generalization"] <= 1 for e in saved["edits"])
     assert "group-gradient" not in BenchmarkConfig().methods
+
+
+def test_matched_accuracy_drop_interpolates_the_papers_curve_and_states_what_it_skips():
+    from vitedit.benchmark import matched_accuracy_drop
+
+    def row(group, method, setting, drop, gen):
+        return {"group": group, "edit_images": 1, "method": method, "setting": setting, "generalization": gen,
+                "accuracy_drop": drop}
+
+    summary = [row("a", "hypernet", 0.01, 1.0, 0.5), row("a", "hypernet", 0.1, 3.0, 0.9),
+               row("a", "local-hypernet", 0.05, 2.0, 0.8),    # inside the curve: 0.8 - 0.7
+               row("a", "local-hypernet", 0.25, 0.5, 0.45),   # below the paper's least damaging edit
+               row("b", "hypernet", 0.01, 1.0, 0.5), row("b", "hypernet", 0.1, 3.0, 0.9),
+               row("b", "local-hypernet", 0.05, 2.0, 0.6),    # 0.6 - 0.7
+               row("b", "local-hypernet", 0.25, 4.0, 0.95),   # above it: never extrapolated
+               row("all", "local-hypernet", 0.05, 2.0, 0.7)]  # overall rows are ignored
+    strict = {r["setting"]: r for r in matched_accuracy_drop(summary, "local-hypernet", origin=False)}
+    assert strict[0.05]["gain"] == pytest.approx(0.0) and strict[0.05]["groups"] == 2
+    assert strict[0.05]["gain_ci95"] == pytest.approx(1.96 * 0.1, abs=1e-4)  # diffs +0.1 and -0.1
+    assert strict[0.25]["gain"] is None and strict[0.25]["groups_outside"] == 2
+    origin = {r["setting"]: r for r in matched_accuracy_drop(summary, "local-hypernet", origin=True)}
+    # with the unedited model at (0, 0): at drop 0.5 the paper's curve is at 0.25
+    assert origin[0.25]["gain"] == pytest.approx(0.45 - 0.25) and origin[0.25]["groups_outside"] == 1

@@ -261,8 +261,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
 
     summary = aggregate(rows_out)
     gains = [row for m in ("hypernet",) + ORACLES if m in methods for row in matched_locality(summary, m)]
-    drop_gains = ([row for m in LOCAL_METHODS if m in methods for row in matched_accuracy_drop(summary, m)]
-                  if PAPER_METHOD in methods else [])
+    drop_gains = ([row for m in LOCAL_METHODS if m in methods for origin in (True, False)
+                   for row in matched_accuracy_drop(summary, m, origin=origin)] if PAPER_METHOD in methods else [])
     result = {
         "model": loaded.name, "model_weights_sha256": loaded.identity.get("weights_sha256"),
         "hypernet": hypernet_id, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
@@ -387,43 +387,46 @@ def matched_locality(summary: Sequence[dict], method: str = "hypernet",
     return out
 
 
-def matched_accuracy_drop(summary: Sequence[dict], method: str, baseline: str = PAPER_METHOD) -> list[dict]:
+def matched_accuracy_drop(summary: Sequence[dict], method: str, baseline: str = PAPER_METHOD,
+                          origin: bool = True) -> list[dict]:
     """``method``'s generalization minus ``baseline``'s at the same check-set accuracy drop, over groups.
 
     Per group and edit setting, the baseline's generalization-vs-accuracy-drop curve (group means over
-    its sparsity sweep) is interpolated linearly at each ``method`` point's drop. A point whose drop is
-    below the baseline's whole range is compared with the baseline's least damaging point, which has
-    the larger generalization of the two ends as a rule, so this favours the baseline; a point above
-    its range is skipped (no extrapolation). Mean over groups with a 95% CI, one row per
-    (edit_images, setting), with how many of the groups were compared at the baseline's edge.
+    its sparsity sweep) is interpolated linearly at each ``method`` point's drop; points outside the
+    curve's range are skipped (no extrapolation) and counted. With ``origin`` the unedited model is
+    part of the baseline's curve, as the point (drop 0, generalization 0): the held-out images are
+    failures of the base model, so a zero-strength edit fixes none of them. That is what lets a point
+    that loses less accuracy than the baseline's least damaging edit be compared at all; without it
+    (``origin=False``) only drops inside the baseline's own sweep count. Mean over groups with a 95% CI,
+    one row per (edit_images, setting).
     """
     by = {}
     for r in summary:
         if r["group"] != "all" and r["generalization"] is not None and r.get("accuracy_drop") is not None:
             by.setdefault((r["group"], r["edit_images"]), []).append(r)
     diffs: dict[tuple[int, float], list[float]] = {}
-    edge: dict[tuple[int, float], int] = {}
+    skipped: dict[tuple[int, float], int] = {}
     for (group, k), rows in sorted(by.items()):
-        curve = sorted((r["accuracy_drop"], r["generalization"]) for r in rows if r["method"] == baseline)
+        curve = [(r["accuracy_drop"], r["generalization"]) for r in rows if r["method"] == baseline]
         if not curve:
             continue
+        if origin:
+            curve.append((0.0, 0.0))
         for r in rows:
             if r["method"] != method:
                 continue
-            drop = r["accuracy_drop"]
-            if drop < curve[0][0]:
-                at = min(curve)[1]
-                edge[(k, r["setting"])] = edge.get((k, r["setting"]), 0) + 1
+            at = _interp(curve, r["accuracy_drop"])
+            if at is None:
+                skipped[(k, r["setting"])] = skipped.get((k, r["setting"]), 0) + 1
+                diffs.setdefault((k, r["setting"]), [])
             else:
-                at = _interp(curve, drop)
-            if at is not None:
                 diffs.setdefault((k, r["setting"]), []).append(r["generalization"] - at)
     out = []
     for (k, setting), v in sorted(diffs.items()):
         m, ci = mean_ci(v)
         out.append({"edit_images": k, "method": method, "baseline": baseline, "setting": setting, "groups": len(v),
-                    "groups_at_baseline_edge": edge.get((k, setting), 0),
-                    "gain": round(m, 4), "gain_ci95": None if ci is None else round(ci, 4)})
+                    "groups_outside": skipped.get((k, setting), 0), "origin": origin,
+                    "gain": None if m is None else round(m, 4), "gain_ci95": None if ci is None else round(ci, 4)})
     return out
 
 

@@ -729,10 +729,10 @@ def benchmark(
                   for r in res["matched_locality"]])
     if res.get("matched_accuracy_drop"):
         ui.table("Local editor minus the paper's method (hypernet masks, plain fine-tune) at the same check-set "
-                 "accuracy drop, mean over groups +/- 95% CI",
-                 ["method", "edit images", "sparsity", "groups", "at the paper's edge", "gain"],
-                 [[r["method"], r["edit_images"], f"{r['setting']:g}", r["groups"], r["groups_at_baseline_edge"],
-                   format_ci(r, "gain")] for r in res["matched_accuracy_drop"]])
+                 "accuracy drop, mean over groups +/- 95% CI (origin: the unedited model is the paper's zero point)",
+                 ["method", "edit images", "sparsity", "origin", "groups", "outside the curve", "gain"],
+                 [[r["method"], r["edit_images"], f"{r['setting']:g}", "yes" if r["origin"] else "no", r["groups"],
+                   r["groups_outside"], format_ci(r, "gain")] for r in res["matched_accuracy_drop"]])
     if "comparison" in res:
         c = res["comparison"]
         ui.out.print(f"against {c['published']}: {c['values_checked'] - c['values_outside_ci']}/{c['values_checked']} "
