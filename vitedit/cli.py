@@ -181,6 +181,7 @@ NullspaceOpt = typer.Option(None, "--nullspace", help="Relative eigenvalue thres
                             "e.g. 0.1 (larger = looser), or 'off'.")
 StopMarginOpt = typer.Option(None, "--stop-margin", help="Stop once every edit image's true class leads by this "
                              "probability margin, e.g. 0.2; 'off' = the paper's loss <= 0.01.")
+PreserveBatchOpt = typer.Option(None, "--preserve-batch", help="Preserve images per step for the preservation term (local default 32; fewer is faster, see docs/performance.md).")
 AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
 OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
                         "instead of from the base model; every earlier edit is re-measured.")
@@ -271,6 +272,7 @@ def apply(
     nullspace: Optional[str] = NullspaceOpt,
     stop_margin: Optional[str] = StopMarginOpt,
     augment: Optional[int] = AugmentOpt,
+    preserve_batch: Optional[int] = PreserveBatchOpt,
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most optimizer steps (plain 100, local 200)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (RMSprop). Default: the model's recommended value, else 2e-5 (the paper's)."),
     max_accuracy_drop: float = MaxDropOpt,
@@ -288,7 +290,8 @@ def apply(
     from .pipeline import ApplyConfig, ExperimentOptions, run_apply
 
     ui = UI(as_json, quiet)
-    experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment),
+    experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
+                                                preserve_batch),
                                    holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
                                    on_top=on_top)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from ..data import ImageBatches, ImageRef
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[..., None]  # (description, done, total[, info: str])
 DEFAULT_SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 
 
