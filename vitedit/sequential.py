@@ -14,7 +14,9 @@ Protocol (docs/benchmark.md, "Many edits in one model"), on the embedded default
   base model) and the locality set are measured;
 - **batch**: one edit of all groups' edit images at once, per editor.
 Editors: ``plain`` (the paper's fine-tune) and ``local`` (vitedit's default); both with hypernetwork
-masks at ``sparsity``. The preserve, check and locality sets are fixed for the whole run.
+masks at ``sparsity``. The preserve, check and locality sets are fixed for the whole run; the
+preservation targets are the current model's predictions on the preserve set (as ``apply --on-top``
+takes them), so an edit is asked to keep the earlier edits' behaviour, not the base model's.
 
 *Retained* generalization of a group after a stack: its generalization then, divided by what its
 single edit reached; *still fixed*: the share of the held-out failures its single edit fixed that are
@@ -112,7 +114,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     preserve_dir = Path(cfg.preserve) if cfg.preserve else default_preserve_dir(base)
     p_refs = scan_unlabeled(preserve_dir)
     check_disjoint(preserve_dir, p_refs, {"check set": (check_dir, c_refs)})
-    preserve = build_preserve_set(base.model, sites, load(p_refs, "loading preserve set")[0])
+    preserve_x = load(p_refs, "loading preserve set")[0]
+    preserve = build_preserve_set(base.model, sites, preserve_x)
     configs = {"plain": resolve_edit_config(base, {}, "plain"), "local": resolve_edit_config(base, {}, "local")}
 
     def measure(weights: dict) -> dict:
@@ -139,10 +142,11 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     def make_suffix_of(model):
         return make_suffix(model, start)
 
-    def edit_on(model, xe, ye, tokens, editor, seed):
+    def edit_on(model, xe, ye, tokens, editor, seed, kept=None):
         mask = scores_on(model, tokens).select(cfg.sparsity)
         res = edit(model, mask, xe, ye, configs[editor], tokens=tokens,
-                   preserve=preserve if configs[editor].uses_preserve else None, seed=seed)
+                   preserve=(kept if kept is not None else preserve) if configs[editor].uses_preserve else None,
+                   seed=seed)
         res.patch.apply(model)  # in place: the next edit starts here
         return res
 
@@ -172,9 +176,12 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
             edited: list[dict] = []
             for step, gi in enumerate(order, start=1):
                 g = groups[gi]
-                # hypernet scores and the edit both see the current (stacked) model
+                # hypernet scores, the edit and its preservation targets all see the current (stacked)
+                # model, as `apply --on-top` does: the preserve set keeps what the model does now
+                kept = build_preserve_set(model, sites, preserve_x) if configs[editor].uses_preserve \
+                    and step > 1 else preserve
                 res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
-                              _seed(cfg.seed, g["group"], "sequential", o))
+                              _seed(cfg.seed, g["group"], "sequential", o), kept)
                 edited.append(g)
                 weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
                 m = measure(weights)
