@@ -112,3 +112,21 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert res["apply"]["check_images"] == 1000 and res["apply"]["accuracy_drop"] is not None
     page = (tmp_path / "vitedit-demo" / "report.html").read_text()
     assert res["report"]["html"].endswith("report.html") and page.count('class="thumb"') >= res["apply"]["edit_images"]
+
+
+def test_the_bundled_preserve_set_shares_no_image_with_any_measured_set():
+    """The preserve set is fitted on, never measured: no shipped test, sensitive or failure PNG may equal one."""
+    import hashlib
+
+    from vitedit.models import DEFAULT_ASSETS
+
+    if not (DEFAULT_ASSETS / "preserve").is_dir():
+        pytest.skip("the embedded default model is not in this checkout")
+
+    def digests(folder):
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in (DEFAULT_ASSETS / folder).rglob("*.png")}
+
+    preserve = digests("preserve")
+    assert len(preserve) == 2000
+    for folder in ("test", "sensitive", "failures"):
+        assert not preserve & digests(folder), folder
