@@ -531,3 +531,19 @@ def test_launcher_hands_other_commands_to_typer_and_refuses_a_stale_help(tmp_pat
     monkeypatch.setattr(launcher, "HELP_FILE", str(stale))
     monkeypatch.setenv("COLUMNS", "100")
     assert launcher.cached_help() is None
+
+
+def test_progress_in_a_log_restarts_the_clock_when_a_task_starts_again(monkeypatch, capsys):
+    import vitedit.cli as cli_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(cli_mod.time, "monotonic", lambda: clock[0])
+    update = cli_mod.UI(False, False)._log_progress(after=30.0)
+    for done in range(0, 11):  # a first run of the task: 10 s, silent
+        clock[0] = float(done)
+        update("loading", done, 10)
+    clock[0] = 1000.0
+    update("loading", 0, 10)   # the same task again, much later: not "1000 s" old
+    clock[0] = 1001.0
+    update("loading", 5, 10)
+    assert capsys.readouterr().err == ""

@@ -87,8 +87,13 @@ class UI:
         tenth of its total. Quick steps (and quick failures, whose stderr is one error line) print nothing."""
         started: dict[str, float] = {}
         shown: dict[str, int] = {}
+        last: dict[str, int] = {}
 
         def update(desc: str, done: int, total: int, info: str = "") -> None:
+            if done < last.get(desc, 0):  # the same task again (e.g. the demo's next step): a new clock
+                started.pop(desc, None)
+                shown.pop(desc, None)
+            last[desc] = done
             elapsed = time.monotonic() - started.setdefault(desc, time.monotonic())
             tenth = 10 if total <= 0 else min(10, 10 * done // total)
             if elapsed < after or tenth <= shown.get(desc, -1):
