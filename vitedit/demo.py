@@ -45,12 +45,12 @@ class DemoConfig:
     group: str | None = None          # None: the group with the most failures
     out: Path = Path("vitedit-demo")
     sparsity: float = 0.05
-    sparsities: tuple[float, ...] = (0.02, 0.05, 0.25)
+    sparsities: tuple[float, ...] = (0.05, 0.25)
     device: str = "cpu"
     seed: int = 0
     edit_images: int = 10
     objective: str = "local"
-    preserve_weights: tuple[float, ...] = (1.0, 3.0, 10.0)
+    preserve_weights: tuple[float, ...] = (1.0, 3.0)
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str, int, int], None]) -> dict:
