@@ -27,7 +27,7 @@ from .errors import UsageError, VitEditError
 app = typer.Typer(
     name="vitedit",
     help="Locate and edit the few MLP neurons of a Vision Transformer that fix a subpopulation of failures, "
-         "measure generalization vs locality, and export the edited model to ONNX.",
+         "measure what else the edit changed (accuracy drop, flips, locality), and export the edited model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
