@@ -150,6 +150,25 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
         res.patch.apply(model)  # in place: the next edit starts here
         return res
 
+    def group_figures(h: dict, m: dict, editor: str, **first) -> dict:
+        """Group ``h`` after a stack measured as ``m``, against its single edit (retained, still fixed)."""
+        single = singles[editor][h["group"]]
+        gen = m[h["group"]]["generalization"]
+        still = (m[h["group"]]["fixed"] & single["fixed"]).sum() / max(int(single["fixed"].sum()), 1)
+        return {"group": h["group"], **first, "generalization": gen,
+                "single_generalization": single["generalization"],
+                "retained": gen / single["generalization"] if single["generalization"] else None,
+                "still_fixed": float(still)}
+
+    def stack_row(m: dict, per_group: list[dict], **head) -> dict:
+        """One row of the results: the stack's check and locality figures and the means over its groups."""
+        return {**head, "check_accuracy": m["check_accuracy"],
+                "accuracy_drop": round(100 * (base_check - m["check_accuracy"]), 4),
+                "flip_rate": m["flip_rate"], "locality": m["locality"], "groups": per_group,
+                "mean_retained": mean_ci([p["retained"] for p in per_group])[0],
+                "mean_still_fixed": mean_ci([p["still_fixed"] for p in per_group])[0],
+                "mean_generalization": mean_ci([p["generalization"] for p in per_group])[0]}
+
     base_check = float((check_base == cy).float().mean())
     rows: list[dict] = []
     singles: dict[str, dict] = {}
@@ -187,24 +206,12 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                 m = measure(weights)
                 per_group = []
                 for h in edited:
-                    single = singles[editor][h["group"]]
-                    still = (m[h["group"]]["fixed"] & single["fixed"]).sum() / max(int(single["fixed"].sum()), 1)
                     with torch.inference_mode():
                         succ = float((functional_call(make_suffix_of(base.model), weights, (h["edit_tokens"],))
                                       .argmax(-1) == h["y_edit"]).float().mean())
-                    per_group.append({"group": h["group"], "success": succ,
-                                      "generalization": m[h["group"]]["generalization"],
-                                      "single_generalization": single["generalization"],
-                                      "retained": (m[h["group"]]["generalization"] / single["generalization"]
-                                                   if single["generalization"] else None),
-                                      "still_fixed": float(still)})
-                rows.append({"arm": "sequential", "editor": editor, "order": o, "step": step, "group": g["group"],
-                             "steps": res.steps, "check_accuracy": m["check_accuracy"],
-                             "accuracy_drop": round(100 * (base_check - m["check_accuracy"]), 4),
-                             "flip_rate": m["flip_rate"], "locality": m["locality"], "groups": per_group,
-                             "mean_retained": mean_ci([p["retained"] for p in per_group])[0],
-                             "mean_still_fixed": mean_ci([p["still_fixed"] for p in per_group])[0],
-                             "mean_generalization": mean_ci([p["generalization"] for p in per_group])[0]})
+                    per_group.append(group_figures(h, m, editor, success=succ))
+                rows.append(stack_row(m, per_group, arm="sequential", editor=editor, order=o, step=step,
+                                      group=g["group"], steps=res.steps))
                 done += 1
                 progress("sequential benchmark", done, total)
         if cfg.batch:  # all groups' edit images in one edit
@@ -215,21 +222,9 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
             res = edit_on(model, xe, ye, tokens, editor, _seed(cfg.seed, "batch"))
             weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
             m = measure(weights)
-            per_group = []
-            for h in groups:
-                single = singles[editor][h["group"]]
-                still = (m[h["group"]]["fixed"] & single["fixed"]).sum() / max(int(single["fixed"].sum()), 1)
-                per_group.append({"group": h["group"], "generalization": m[h["group"]]["generalization"],
-                                  "single_generalization": single["generalization"],
-                                  "retained": (m[h["group"]]["generalization"] / single["generalization"]
-                                               if single["generalization"] else None), "still_fixed": float(still)})
-            rows.append({"arm": "batch", "editor": editor, "order": None, "step": len(groups), "group": "all",
-                         "steps": res.steps, "success": res.edit_accuracy, "check_accuracy": m["check_accuracy"],
-                         "accuracy_drop": round(100 * (base_check - m["check_accuracy"]), 4),
-                         "flip_rate": m["flip_rate"], "locality": m["locality"], "groups": per_group,
-                         "mean_retained": mean_ci([p["retained"] for p in per_group])[0],
-                         "mean_still_fixed": mean_ci([p["still_fixed"] for p in per_group])[0],
-                         "mean_generalization": mean_ci([p["generalization"] for p in per_group])[0]})
+            per_group = [group_figures(h, m, editor) for h in groups]
+            rows.append(stack_row(m, per_group, arm="batch", editor=editor, order=None, step=len(groups),
+                                  group="all", steps=res.steps, success=res.edit_accuracy))
             done += 1
             progress("sequential benchmark", done, total)
 
