@@ -111,12 +111,14 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                        "loading locality set")
     loc = TokenCache(base.model, start, loc_x)
     loc_base = loc.predict()
-    preserve_dir = Path(cfg.preserve) if cfg.preserve else default_preserve_dir(base)
-    p_refs = scan_unlabeled(preserve_dir)
-    check_disjoint(preserve_dir, p_refs, {"check set": (check_dir, c_refs)})
-    preserve_x = load(p_refs, "loading preserve set")[0]
-    preserve = build_preserve_set(base.model, sites, preserve_x)
     configs = {"plain": resolve_edit_config(base, {}, "plain"), "local": resolve_edit_config(base, {}, "local")}
+    preserve_x = preserve = None
+    if any(configs[e].uses_preserve for e in cfg.editors):  # the plain editor never reads it
+        preserve_dir = Path(cfg.preserve) if cfg.preserve else default_preserve_dir(base)
+        p_refs = scan_unlabeled(preserve_dir)
+        check_disjoint(preserve_dir, p_refs, {"check set": (check_dir, c_refs)})
+        preserve_x = load(p_refs, "loading preserve set")[0]
+        preserve = build_preserve_set(base.model, sites, preserve_x)
 
     def measure(weights: dict) -> dict:
         """Every set under ``weights`` (all edited matrices of the current model) substituted into the
@@ -171,6 +173,15 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
 
     base_check = float((check_base == cy).float().mean())
     rows: list[dict] = []
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def partial(rows: list[dict]) -> None:
+        """The rows so far, so that an interrupted run still leaves its figures (rewritten atomically)."""
+        write_json(out / "sequential.partial.json", {
+            "model": base.name, "rows": rows, "wall_seconds": round(time.time() - t0, 1),
+            "singles": {e: {g: {k: v for k, v in d.items() if k != "fixed"} for g, d in s.items()}
+                        for e, s in singles.items()}})
     singles: dict[str, dict] = {}
     editors = list(cfg.editors)
     total = len(editors) * (len(groups) * (1 + cfg.orders) + (1 if cfg.batch else 0))
@@ -212,6 +223,7 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                     per_group.append(group_figures(h, m, editor, success=succ))
                 rows.append(stack_row(m, per_group, arm="sequential", editor=editor, order=o, step=step,
                                       group=g["group"], steps=res.steps))
+                partial(rows)
                 done += 1
                 progress("sequential benchmark", done, total)
         if cfg.batch:  # all groups' edit images in one edit
@@ -225,11 +237,13 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
             per_group = [group_figures(h, m, editor) for h in groups]
             rows.append(stack_row(m, per_group, arm="batch", editor=editor, order=None, step=len(groups),
                                   group="all", steps=res.steps, success=res.edit_accuracy))
+            partial(rows)
             done += 1
             progress("sequential benchmark", done, total)
 
     summary = summarize(rows, singles, len(groups))
     result = {"model": base.name, "groups": [g["group"] for g in groups], "edit_images": cfg.edit_images,
+              "held_out": {g["group"]: len(g["y_hold"]) for g in groups},
               "orders": cfg.orders, "sparsity": cfg.sparsity, "base_check_accuracy": base_check,
               "check_images": len(cy), "check": "bundled test sample" if cfg.check is None else str(cfg.check),
               "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
@@ -238,9 +252,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
               "singles": {e: {g: {k: v for k, v in d.items() if k != "fixed"} for g, d in s.items()}
                           for e, s in singles.items()},
               "rows": rows, "summary": summary, "wall_seconds": round(time.time() - t0, 1)}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sequential.json", result)
+    (out / "sequential.partial.json").unlink(missing_ok=True)
     plot_sequential(rows, out / "sequential.png", base_check)
     result["out"] = str(out)
     return result
