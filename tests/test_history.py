@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,39 @@ def _sha(path):
     from vitedit.artifacts import sha256_file
 
     return sha256_file(path)
+
+
+def test_on_top_holds_the_earlier_edits_images_and_says_which_are_gone(stacked, tmp_path):
+    """--anchor-weight: the earlier edits' edit images (as recorded, checked by hash) are held to the
+    stacked model's predictions; a changed one is left out with a note, and the anchor term really
+    changes the edit."""
+    ws = shutil.copytree(stacked["root"] / "ws-after-a", tmp_path / "ws")
+    (ws / "lock").unlink(missing_ok=True)
+    cli_json("locate", stacked["b"], "-w", ws, "--locator", "random", "--on-top", "--seed", "1",
+             *model_args(*_model_files(stacked)))
+    unheld = shutil.copytree(ws, tmp_path / "ws-unheld")
+    held = cli_json("apply", "-w", ws, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "50")
+    assert held["anchor_images"] == stacked["first"]["edit_images"] > 0
+    assert held["edit_config"]["anchor_weight"] == 50
+    free = cli_json("apply", "-w", unheld, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "0")
+    assert free["anchor_images"] == 0
+    new = {n: Patch.load(w / "patches" / "002.safetensors")[0].new for n, w in (("held", ws), ("free", unheld))}
+    assert any(not torch.equal(new["held"][p], new["free"][p]) for p in new["held"])
+
+    # one of edit 1's images changed since: it is not held, and the note says so
+    again = shutil.copytree(stacked["root"] / "ws-after-a", tmp_path / "ws-again")
+    (again / "lock").unlink(missing_ok=True)
+    recorded = json.loads((again / "history.json").read_text())["edits"][0]["edit_images"]
+    a_copy = shutil.copytree(stacked["a"], tmp_path / "a-copy")
+    first = recorded[0]
+    moved = a_copy / Path(first["path"]).relative_to(stacked["a"])
+    hist = json.loads((again / "history.json").read_text())
+    for e in hist["edits"][0]["edit_images"]:   # point the history at the copy, then change one image
+        e["path"] = str(a_copy / Path(e["path"]).relative_to(stacked["a"]))
+    (again / "history.json").write_text(json.dumps(hist))
+    moved.write_bytes(moved.read_bytes() + b"\0")
+    cli_json("locate", stacked["b"], "-w", again, "--locator", "random", "--on-top", "--seed", "1",
+             *model_args(*_model_files(stacked)))
+    res = cli_json("apply", "-w", again, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "50")
+    assert res["anchor_images"] == len(recorded) - 1
+    assert any("1 of the earlier edits' images are gone or changed" in n for n in res["notes"])

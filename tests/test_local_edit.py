@@ -18,7 +18,7 @@ from vitedit.edit import OBJECTIVE_PRESETS, EditConfig, augment_views, edit, obj
 from vitedit.errors import UsageError
 from vitedit.masks import UnitScores
 from vitedit.models import find_sites, forward_prefix, make_suffix
-from vitedit.preserve import build_preserve_set, input_second_moments
+from vitedit.preserve import build_anchor_set, build_preserve_set, input_second_moments
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,59 @@ def test_preservation_term_changes_the_fit(model, data, sites, preserve):
     assert any(not torch.equal(plain.patch.new[p], kl.patch.new[p]) for p in plain.patch.new)
 
 
+@pytest.fixture(scope="module")
+def anchors(model, sites):
+    """Images an earlier edit was made on, with what the current model predicts on them."""
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return images, build_anchor_set(model, sites, images)
+
+
+def test_anchor_set_holds_the_current_models_predictions(model, sites, anchors):
+    images, anchor_set = anchors
+    with torch.no_grad():
+        want = torch.log_softmax(model(images), -1)
+    assert len(anchor_set) == 6 and anchor_set.start == min(s.block for s in sites)
+    assert torch.allclose(anchor_set.log_probs, want, atol=1e-5)
+
+
+def test_anchor_weight_zero_or_no_anchors_is_the_edit_without_them(model, data, sites, anchors):
+    images, labels = data
+    mask = make_mask(sites)
+    ref = edit(model, mask, images, labels, EditConfig(lr=1e-3, max_steps=6))
+    for cfg, a in ((EditConfig(lr=1e-3, max_steps=6, anchor_weight=0.0), anchors[1]),
+                   (EditConfig(lr=1e-3, max_steps=6, anchor_weight=5.0), None)):
+        other = edit(model, mask, images, labels, cfg, anchors=a)
+        assert other.losses == ref.losses
+        assert all(torch.equal(ref.patch.new[p], other.patch.new[p]) for p in ref.patch.new)
+
+
+def test_anchor_term_keeps_the_earlier_images_predictions(model, data, sites, anchors):
+    """An edit with the anchor term moves the anchor images' outputs less than the same edit
+    without it, and still changes only the mask."""
+    images, labels = data
+    anchor_images, anchor_set = anchors
+    mask = make_mask(sites, density=0.3)
+
+    def drift(result):
+        edited = result.patch.weights(model)
+        with torch.no_grad():
+            logp = torch.log_softmax(torch.func.functional_call(model, edited, (anchor_images,)), -1)
+        return float(torch.nn.functional.kl_div(logp, anchor_set.log_probs, log_target=True, reduction="batchmean"))
+
+    free = edit(model, mask, images, labels, EditConfig(lr=3e-3, max_steps=20, loss_threshold=0.0))
+    held = edit(model, mask, images, labels, EditConfig(lr=3e-3, max_steps=20, loss_threshold=0.0, anchor_weight=20.0),
+                anchors=anchor_set)
+    assert drift(free) > 1e-3
+    assert drift(held) < 0.5 * drift(free)
+    before = model.state_dict()
+    weights = held.patch.weights(model)
+    for s in mask.sites:
+        outside = torch.ones(s.units, dtype=torch.bool)
+        outside[mask.indices[s.param]] = False
+        rows = outside.nonzero().squeeze(1)
+        assert torch.equal(before[s.param].index_select(s.dim, rows), weights[s.param].index_select(s.dim, rows))
+
+
 @pytest.mark.parametrize("matrix", ["fc1", "fc2"])
 def test_nullspace_projection_bounds_the_change_on_preserve_inputs(model, data, sites, preserve, matrix):
     """For the first edited block the inputs of fc1 (and of fc2, when fc1 is not edited) are the base
@@ -186,6 +239,7 @@ def test_the_preserve_terms_need_a_preserve_set(model, data, sites):
     (dict(preserve_weight=-1.0), "--preserve-weight"), (dict(nullspace_threshold=0.0), "--nullspace"),
     (dict(nullspace_threshold=2.0), "--nullspace"), (dict(stop_margin=1.0), "--stop-margin"),
     (dict(preserve_batch=0), "--preserve-batch"), (dict(augment=-1), "--augment"),
+    (dict(anchor_weight=-1.0), "--anchor-weight"),
     (dict(objective="gentle"), "--objective")])
 def test_edit_config_names_the_flag(kwargs, flag):
     with pytest.raises(UsageError, match=flag):

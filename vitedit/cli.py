@@ -144,11 +144,12 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def _edit_config(lr: Optional[float], max_steps: Optional[int], preserve_weight: Optional[float] = None,
                  nullspace: Optional[str] = None, stop_margin: Optional[str] = None,
-                 augment: Optional[int] = None, preserve_batch: Optional[int] = None) -> dict:
+                 augment: Optional[int] = None, preserve_batch: Optional[int] = None,
+                 anchor_weight: Optional[float] = None) -> dict:
     """Only the flags the user gave; the library merges them over the objective's and the model's defaults.
     ``--nullspace off`` / ``--stop-margin off`` switch those terms off."""
     out = {"lr": lr, "max_steps": max_steps, "preserve_weight": preserve_weight, "augment": augment,
-           "preserve_batch": preserve_batch}
+           "preserve_batch": preserve_batch, "anchor_weight": anchor_weight}
     for key, flag, text in (("nullspace_threshold", "--nullspace", nullspace), ("stop_margin", "--stop-margin", stop_margin)):
         if text is None:
             continue
@@ -188,6 +189,8 @@ StopMarginOpt = typer.Option(None, "--stop-margin", help="Stop once every edit i
                              "probability margin, e.g. 0.2; 'off' = the paper's loss <= 0.01.")
 PreserveBatchOpt = typer.Option(None, "--preserve-batch", help="Preserve images per step for the preservation term (local default 32; fewer is faster, see docs/performance.md).")
 AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
+AnchorWeightOpt = typer.Option(None, "--anchor-weight", help="With --on-top: how strongly the earlier edits' images keep "
+                               "the stacked model's predictions (default: the objective's preset; 0 = not held).")
 OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
                         "instead of from the base model; every earlier edit is re-measured.")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
@@ -278,6 +281,7 @@ def apply(
     stop_margin: Optional[str] = StopMarginOpt,
     augment: Optional[int] = AugmentOpt,
     preserve_batch: Optional[int] = PreserveBatchOpt,
+    anchor_weight: Optional[float] = AnchorWeightOpt,
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most optimizer steps (plain 100, local 200)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (RMSprop). Default: the model's recommended value, else 2e-5 (the paper's)."),
     max_accuracy_drop: float = MaxDropOpt,
@@ -296,7 +300,7 @@ def apply(
 
     ui = UI(as_json, quiet)
     experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
-                                                preserve_batch),
+                                                preserve_batch, anchor_weight),
                                    holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
                                    on_top=on_top)
@@ -370,6 +374,7 @@ def report(
     nullspace: Optional[str] = NullspaceOpt,
     stop_margin: Optional[str] = StopMarginOpt,
     augment: Optional[int] = AugmentOpt,
+    anchor_weight: Optional[float] = AnchorWeightOpt,
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     holdout: Optional[float] = typer.Option(None, "--holdout"),
@@ -386,7 +391,8 @@ def report(
     from .pipeline import ExperimentOptions, ReportConfig, run_report
 
     ui = UI(as_json, quiet)
-    experiment = ExperimentOptions(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment), holdout,
+    experiment = ExperimentOptions(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
+                                                anchor_weight=anchor_weight), holdout,
                                    generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
                                    on_top=on_top)
@@ -702,6 +708,8 @@ def benchmark(
                                     "after another (and all at once), each earlier edit re-measured after every edit."),
     orders: int = typer.Option(2, "--orders", help="With --sequential: seeded orders of the groups."),
     editors: str = typer.Option("plain,local", "--editors", help="With --sequential: plain and/or local."),
+    anchor_weight: Optional[float] = typer.Option(None, "--anchor-weight", help="With --sequential: the local editor's "
+                                                  "hold on earlier edits' images (default: the preset's; 0 = none)."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -710,7 +718,8 @@ def benchmark(
 
     ui = UI(as_json, quiet)
     if sequential:
-        return _sequential(ui, groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities)
+        return _sequential(ui, groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
+                           anchor_weight)
     cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
@@ -795,7 +804,8 @@ def revert_cmd(
     ui.out.print(f"reverted edit {res['reverted']}; remaining: {', '.join(map(str, res['remaining'])) or 'none (the base model)'}")
 
 
-def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities) -> None:
+def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
+                anchor_weight=None) -> None:
     from .sequential import SequentialConfig, run_sequential
 
     images = _floats(edit_images, "--edit-images")
@@ -804,7 +814,8 @@ def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check
                            int(images[0]) if edit_images != "1,3" else 10, orders,
                            sparsity[0] if sparsities != "0.01,0.02,0.05,0.1,0.25,0.5" else 0.05, seed,
                            out if str(out) != "benchmark-results" else Path("benchmark-sequential"), check, preserve,
-                           locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None)
+                           locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None,
+                           anchor_weight=anchor_weight)
     with ui.progress() as progress:
         res = run_sequential(cfg, progress)
     if ui.as_json:

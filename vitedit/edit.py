@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .preserve import PreserveSet
+    from .preserve import AnchorSet, PreserveSet
 
 
 OBJECTIVES = ("plain", "local")
@@ -59,6 +59,10 @@ class EditConfig:
       nearest the edit images in feature space (this many of them), where flips happen;
     - ``augment``: also fit this many randomly shifted / mirrored views of each edit image per
       step (for generalization; the stopping rule still looks at the images themselves).
+    - ``anchor_weight``: when editing on top of earlier edits, add ``anchor_weight *
+      KL(current || edited)`` on *all* the earlier edits' edit images every step (the anchor set,
+      ``preserve.AnchorSet``), so a new edit keeps what the earlier ones fixed. Ignored without
+      anchors (a first edit).
     """
 
     lr: float = 2e-5
@@ -72,6 +76,7 @@ class EditConfig:
     augment: int = 0
     preserve_nearest: int = 0
     preserve_loss: str = "kl"
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -91,6 +96,8 @@ class EditConfig:
                              "e.g. 0.01, or leave it out")
         if self.preserve_loss not in PRESERVE_LOSSES:
             raise UsageError(f"--preserve-loss {self.preserve_loss!r}: choose {' or '.join(PRESERVE_LOSSES)}")
+        if not self.anchor_weight >= 0:
+            raise UsageError(f"--anchor-weight {self.anchor_weight} must be >= 0 (0 = earlier edits are not held)")
         if self.preserve_nearest < 0:
             raise UsageError(f"--preserve-nearest {self.preserve_nearest} must be >= 0 (0 = draw from the whole set)")
         if self.augment < 0:
@@ -224,6 +231,7 @@ def first_block(mask_or_sites) -> int:
 def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labels: "torch.Tensor",
          config: EditConfig = EditConfig(), *, tokens: "torch.Tensor | None" = None,
          penalty: tuple[str, float] | None = None, preserve: "PreserveSet | None" = None, seed: int = 0,
+         anchors: "AnchorSet | None" = None,
          progress: Callable[[int, int, float], None] | None = None) -> EditResult:
     """Fit the selected units of a frozen ``model`` to ``labels``; return the patch.
 
@@ -232,7 +240,9 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     weights to the loss: the paper's regularized fine-tuning baselines (used with a full mask).
     ``preserve`` is needed by the config's preservation term and null-space projection
     (``config.uses_preserve``); its minibatches are drawn with ``seed``. The stopping rule looks at
-    the edit images alone. ``progress(step, max_steps, loss)`` is called after every step.
+    the edit images alone. ``anchors`` (earlier edits' images, with the current model's
+    predictions) are held by ``config.anchor_weight``. ``progress(step, max_steps, loss)`` is called
+    after every step.
 
     Every objective changes only the free slices, so weights outside the mask stay bit-identical;
     with ``preserve_weight=0`` and no projection the steps are exactly the paper's editor's.
@@ -269,6 +279,13 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
         projectors = {s.param: preserve.projector(s, idx[s.param], config.nullspace_threshold).to(tokens.device)
                       for s in sites}
     use_kl = config.preserve_weight > 0
+    use_anchors = config.anchor_weight > 0 and anchors is not None and len(anchors) > 0
+    if use_anchors:
+        if anchors.start != start:
+            raise UsageError(f"the anchor set was cached at block {anchors.start}, the edit starts at block {start}; "
+                             "build it for the same edited blocks")
+        anchor_tokens = anchors.tokens.to(tokens.device)
+        anchor_target = anchors.log_probs.to(tokens.device)
     n_edit = len(tokens)
     if use_kl:
         pool = preserve.tokens.to(tokens.device)
@@ -310,6 +327,9 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
         if use_kl:
             rows = next_preserve_rows()
             parts.append(pool[rows])
+        n_kept = sum(len(p) for p in parts)
+        if use_anchors:
+            parts.append(anchor_tokens)
         out = functional_call(suffix, weights, (torch.cat(parts) if len(parts) > 1 else tokens,))  # (B + A*B + P, classes)
         logits = out[:n_edit]
         loss = F.cross_entropy(logits, labels)
@@ -330,12 +350,15 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
             reg = sum((d.abs().sum() if kind == "l1" else d.pow(2).sum()) for d in delta)
             loss = loss + strength * reg
         if use_kl:  # the preservation term on this step's preserve minibatch
-            logp = torch.log_softmax(out[n_fit:], -1)
+            logp = torch.log_softmax(out[n_fit:n_kept], -1)
             if config.preserve_loss == "kl":  # KL(base || edited)
                 term = F.kl_div(logp, target[rows], log_target=True, reduction="batchmean")
             else:
                 term = _margin_hinge(logp, target[rows])
             loss = loss + config.preserve_weight * term
+        if use_anchors:  # every earlier edit's images keep the current model's predictions
+            logp = torch.log_softmax(out[n_kept:], -1)
+            loss = loss + config.anchor_weight * F.kl_div(logp, anchor_target, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

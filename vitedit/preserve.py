@@ -81,6 +81,36 @@ class PreserveSet:
         return int(round(float(self.projector(site, indices, threshold).trace())))
 
 
+@dataclass
+class AnchorSet:
+    """Images earlier edits were made on, with the current (stacked) model's log-probabilities on
+    them: a new edit on top is held to keep those predictions (``EditConfig.anchor_weight``), so it
+    does not undo what the earlier edits fixed. Build with :func:`build_anchor_set`."""
+
+    tokens: "torch.Tensor"     # (M, T, D) at blocks[start]
+    log_probs: "torch.Tensor"  # (M, classes) under the current model
+    start: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def build_anchor_set(model: "nn.Module", sites: Sequence[Site], images: "torch.Tensor | None" = None, *,
+                     tokens: "torch.Tensor | None" = None, batch_size: int = 256) -> AnchorSet:
+    """The anchor set of ``model`` (which holds the stack so far): (M, C, H, W) images or their
+    prefix tokens at the first edited block."""
+    import torch
+
+    start = min(s.block for s in sites)
+    if tokens is None:
+        with torch.inference_mode():
+            tokens = torch.cat([forward_prefix(model, x, start) for x in images.split(batch_size)])
+    suffix = make_suffix(model, start)
+    with torch.inference_mode():
+        log_probs = torch.cat([torch.log_softmax(suffix(t), -1) for t in tokens.split(batch_size)])
+    return AnchorSet(tokens.clone(), log_probs.clone(), start)
+
+
 def input_second_moments(model: "nn.Module", sites: Sequence[Site], tokens: "torch.Tensor",
                          batch_size: int = 256) -> dict[str, "torch.Tensor"]:
     """Uncentred second moments of every edited matrix's inputs over all tokens: X^T X / n.

@@ -51,6 +51,7 @@ class SequentialConfig:
     locality: Path | None = None
     batch: bool = True
     groups: tuple[str, ...] | None = None   # default: every bundled group with enough failures
+    anchor_weight: float | None = None      # local editor: hold earlier edits' images (None: the preset's)
 
     def __post_init__(self) -> None:
         bad = [e for e in self.editors if e not in EDITORS]
@@ -78,7 +79,7 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     from .models import load_model
     from .pipeline import (check_disjoint, default_check_dir, default_hypernet_for, default_locality_dir,
                            default_preserve_dir, resolve_edit_config)
-    from .preserve import build_preserve_set
+    from .preserve import build_anchor_set, build_preserve_set
 
     t0 = time.time()
     base = load_model(None)
@@ -111,7 +112,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                        "loading locality set")
     loc = TokenCache(base.model, start, loc_x)
     loc_base = loc.predict()
-    configs = {"plain": resolve_edit_config(base, {}, "plain"), "local": resolve_edit_config(base, {}, "local")}
+    configs = {"plain": resolve_edit_config(base, {}, "plain"),
+               "local": resolve_edit_config(base, {"anchor_weight": cfg.anchor_weight}, "local")}
     preserve_x = preserve = None
     if any(configs[e].uses_preserve for e in cfg.editors):  # the plain editor never reads it
         preserve_dir = Path(cfg.preserve) if cfg.preserve else default_preserve_dir(base)
@@ -144,11 +146,11 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     def make_suffix_of(model):
         return make_suffix(model, start)
 
-    def edit_on(model, xe, ye, tokens, editor, seed, kept=None):
+    def edit_on(model, xe, ye, tokens, editor, seed, kept=None, anchors=None):
         mask = scores_on(model, tokens).select(cfg.sparsity)
         res = edit(model, mask, xe, ye, configs[editor], tokens=tokens,
                    preserve=(kept if kept is not None else preserve) if configs[editor].uses_preserve else None,
-                   seed=seed)
+                   seed=seed, anchors=anchors)
         res.patch.apply(model)  # in place: the next edit starts here
         return res
 
@@ -210,8 +212,11 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                 # model, as `apply --on-top` does: the preserve set keeps what the model does now
                 kept = build_preserve_set(model, sites, preserve_x) if configs[editor].uses_preserve \
                     and step > 1 else preserve
+                # and the earlier edits' images keep what the stack does on them (anchor_weight > 0)
+                anchors = build_anchor_set(model, sites, tokens=torch.cat([h["edit_tokens"] for h in edited])) \
+                    if configs[editor].anchor_weight > 0 and edited else None
                 res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
-                              _seed(cfg.seed, g["group"], "sequential", o), kept)
+                              _seed(cfg.seed, g["group"], "sequential", o), kept, anchors)
                 edited.append(g)
                 weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
                 m = measure(weights)

@@ -87,6 +87,7 @@ class _Job:
     validation: object = None        # evaluate.EvalSets on the validation half (``--sparsity auto``)
     refs: dict = field(default_factory=dict)  # set name -> ImageRefs in cache order (for galleries)
     stacked: int = 0                 # edits of the history under this one (--on-top)
+    anchors: object = None           # preserve.AnchorSet: the earlier edits' images (--on-top)
 
 
 def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
@@ -191,6 +192,12 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     base_metrics = replace(sets, locality=None).measure({})  # the base model's locality is 1 by definition
     edit_config = resolve_edit_config(loaded, opts.edit, opts.objective)
     notes = [preserve_note] if preserve_note else []
+    anchors = None
+    if stacked and edit_config.anchor_weight > 0:
+        anchors, note = _load_anchors(ws, loaded, sites, [r.path for r in (g_batches.refs if g_batches else [])],
+                                      progress)
+        if note:
+            notes.append(note)
     if preserve is None and edit_config.uses_preserve:
         edit_config = edit_config.without_preserve()
         notes.append("no preserve set was given (--preserve DIR: ordinary images of the model's inputs), so nothing "
@@ -204,7 +211,43 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                 skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
                 edit_images=edit_images, validation=val_sets,
                 refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
-                      "check": c_refs, "locality": l_refs}, stacked=stacked)
+                      "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors)
+
+
+def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Sequence[Path], progress: Progress):
+    """The anchor set of an edit on top of the history: every earlier edit's edit images (as recorded,
+    checked by hash), with the current stacked model's predictions on them. Images that are gone or
+    changed, or that are among this edit's measured generalization images, are left out with a note."""
+    from ..data import ImageRef, load_tensors as load_images
+    from ..history import History
+    from ..preserve import build_anchor_set
+
+    measured = {sha256_file(p) for p in measured_paths}
+    refs, missing, skipped_measured = [], 0, 0
+    for entry in History(ws).read(loaded.identity)["edits"]:
+        for e in entry.get("edit_images", []):
+            path = Path(e["path"])
+            if not path.is_file() or sha256_file(path) != e["sha256"]:
+                missing += 1
+            elif e["sha256"] in measured:
+                skipped_measured += 1
+            else:
+                refs.append(ImageRef(path, e["label"], None))
+    progress("caching earlier edits' images", 0, 1)
+    anchors = None
+    if refs:
+        x, good, bad = load_images(refs, loaded.transform, loaded.channels, skip_bad=True)
+        missing += len(bad)
+        if len(good):
+            anchors = build_anchor_set(loaded.model, sites, x.to(next(loaded.model.parameters()).device))
+    progress("caching earlier edits' images", 1, 1)
+    parts = []
+    if missing:
+        parts.append(f"{missing} of the earlier edits' images are gone or changed since they were edited")
+    if skipped_measured:
+        parts.append(f"{skipped_measured} are among this edit's generalization images")
+    note = (f"{'; '.join(parts)}; those are not held by --anchor-weight") if parts else None
+    return anchors, note
 
 
 def _stack(ws: Workspace, state: dict, loaded: LoadedModel, on_top: bool) -> int:
@@ -310,7 +353,8 @@ def _edit_and_measure(job: _Job, locator: str, sparsity: float, config: EditConf
         progress("editing", done, total, f"loss {loss:.3f}")
 
     result = edit(job.loaded.model, mask, job.edit_images, job.edit_labels, config, tokens=job.edit_tokens,
-                  preserve=job.preserve if config.uses_preserve else None, seed=job.seed, progress=step)
+                  preserve=job.preserve if config.uses_preserve else None, seed=job.seed,
+                  anchors=job.anchors, progress=step)
     progress("editing", config.max_steps, config.max_steps, "done")
     metrics = (sets or job.sets).measure(result.patch.weights(job.loaded.model))
     point = {"sparsity": sparsity, "locator": locator, "objective": config.objective,
@@ -348,6 +392,7 @@ def _sets_info(job: _Job) -> dict:
         "check_source": str(job.check_dir) if job.check_dir else None,
         "preserve_images": len(job.preserve) if job.preserve is not None else 0,
         "preserve_source": str(job.preserve_dir) if job.preserve is not None else None,
+        "anchor_images": len(job.anchors) if job.anchors is not None else 0,
         "notes": _notes(job),
     }
 
