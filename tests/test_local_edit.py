@@ -124,6 +124,25 @@ def test_anchor_set_holds_the_current_models_predictions(model, sites, anchors):
     assert torch.allclose(anchor_set.log_probs, want, atol=1e-5)
 
 
+def test_preserve_targets_can_come_from_the_base_weights_while_the_model_holds_a_stack(model, sites, preserve):
+    """On top of a stack the preserve set keeps the base model's behaviour: built on the edited model
+    with the base weights substituted, it equals the one built on the base model."""
+    import copy
+
+    stacked = copy.deepcopy(model)
+    with torch.no_grad():
+        for s in sites:
+            stacked.get_parameter(s.param).add_(0.05 * torch.randn_like(stacked.get_parameter(s.param)))
+    base_weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
+    held = build_preserve_set(stacked, sites, tokens=preserve.tokens, targets_from=base_weights)
+    drifted = build_preserve_set(stacked, sites, tokens=preserve.tokens)
+    assert torch.allclose(held.base_log_probs, preserve.base_log_probs, atol=1e-5)
+    assert torch.allclose(held.features, preserve.features, atol=1e-5)
+    for p in preserve.second_moments:
+        assert torch.allclose(held.second_moments[p], preserve.second_moments[p], atol=1e-5)
+    assert not torch.allclose(drifted.base_log_probs, preserve.base_log_probs, atol=1e-3)
+
+
 def test_anchor_weight_zero_or_no_anchors_is_the_edit_without_them(model, data, sites, anchors):
     images, labels = data
     mask = make_mask(sites)

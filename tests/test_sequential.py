@@ -14,6 +14,8 @@ def test_config_refuses_unknown_editors_and_empty_runs(tmp_path):
         SequentialConfig(editors=("plain", "fancy"), out=tmp_path)
     with pytest.raises(UsageError, match="at least 1"):
         SequentialConfig(orders=0, out=tmp_path)
+    with pytest.raises(UsageError, match="choose base or current"):
+        SequentialConfig(preserve_targets="edited", out=tmp_path)
 
 
 def _row(editor, arm, step, order, retained, drop, flips, worst=None):

@@ -190,7 +190,7 @@ StopMarginOpt = typer.Option(None, "--stop-margin", help="Stop once every edit i
 PreserveBatchOpt = typer.Option(None, "--preserve-batch", help="Preserve images per step for the preservation term (local default 32; fewer is faster, see docs/performance.md).")
 AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
 AnchorWeightOpt = typer.Option(None, "--anchor-weight", help="With --on-top: how strongly the earlier edits' images keep "
-                               "the stacked model's predictions (default: the objective's preset; 0 = not held).")
+                               "the stacked model's predictions (local default 3; 0 = not held).")
 OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
                         "instead of from the base model; every earlier edit is re-measured.")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")

@@ -121,7 +121,7 @@ class EditConfig:
 # keep the rest of the model in place, with the defaults chosen on the benchmark (docs/benchmark.md).
 OBJECTIVE_PRESETS: dict[str, dict] = {
     "plain": {},
-    "local": {"preserve_weight": 3.0, "preserve_batch": 32, "augment": 1, "max_steps": 200},
+    "local": {"preserve_weight": 3.0, "preserve_batch": 32, "augment": 1, "max_steps": 200, "anchor_weight": 3.0},
 }
 
 

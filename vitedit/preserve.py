@@ -112,11 +112,12 @@ def build_anchor_set(model: "nn.Module", sites: Sequence[Site], images: "torch.T
 
 
 def input_second_moments(model: "nn.Module", sites: Sequence[Site], tokens: "torch.Tensor",
-                         batch_size: int = 256) -> dict[str, "torch.Tensor"]:
+                         batch_size: int = 256, weights: dict | None = None) -> dict[str, "torch.Tensor"]:
     """Uncentred second moments of every edited matrix's inputs over all tokens: X^T X / n.
 
     ``tokens`` (N, T, D) enter ``blocks[start]``; hooks on each site's linear layer collect its input
-    during an ordinary suffix pass, (B, T, D_in) -> (D_in, D_in) accumulated in float64.
+    during an ordinary suffix pass, (B, T, D_in) -> (D_in, D_in) accumulated in float64. ``weights``
+    (param name -> tensor) are substituted for the model's own during the pass.
     """
     import torch
 
@@ -139,16 +140,32 @@ def input_second_moments(model: "nn.Module", sites: Sequence[Site], tokens: "tor
     try:
         with torch.inference_mode():
             for t in tokens.split(batch_size):
-                suffix(t)
+                _run(suffix, weights, t)
     finally:
         for h in handles:
             h.remove()
     return {p: (sums[p] / counts[p]).float() for p in sums}
 
 
+def _run(suffix, weights: dict | None, t: "torch.Tensor", **kwargs) -> "torch.Tensor":
+    """``suffix(t)``, with ``weights`` substituted for the model's parameters of those names."""
+    if not weights:
+        return suffix(t, **kwargs)
+    from torch.func import functional_call
+
+    return functional_call(suffix, weights, (t,), kwargs)
+
+
 def build_preserve_set(model: "nn.Module", sites: Sequence[Site], images: "torch.Tensor | None" = None, *,
-                       tokens: "torch.Tensor | None" = None, batch_size: int = 256) -> PreserveSet:
-    """Cache everything the edit needs from the preserve images: (N, C, H, W) or their prefix tokens."""
+                       tokens: "torch.Tensor | None" = None, batch_size: int = 256,
+                       targets_from: dict | None = None) -> PreserveSet:
+    """Cache everything the edit needs from the preserve images: (N, C, H, W) or their prefix tokens.
+
+    ``targets_from`` (param name -> tensor, e.g. the base model's edited matrices while ``model``
+    holds a stack of edits): the targets, features and second moments are those of the model with
+    these weights, so an edit on top of a stack is held to that model's behaviour on ordinary images.
+    The prefix tokens are the same either way (edits never touch the blocks before ``start``).
+    """
     import torch
 
     start = min(s.block for s in sites)
@@ -157,7 +174,7 @@ def build_preserve_set(model: "nn.Module", sites: Sequence[Site], images: "torch
             tokens = torch.cat([forward_prefix(model, x, start) for x in images.split(batch_size)])
     suffix = make_suffix(model, start)
     with torch.inference_mode():
-        feats = torch.cat([suffix(t, pre_logits=True) for t in tokens.split(batch_size)])  # (N, D)
-        log_probs = torch.cat([torch.log_softmax(suffix(t), -1) for t in tokens.split(batch_size)])
-    moments = input_second_moments(model, sites, tokens, batch_size)
+        feats = torch.cat([_run(suffix, targets_from, t, pre_logits=True) for t in tokens.split(batch_size)])  # (N, D)
+        log_probs = torch.cat([torch.log_softmax(_run(suffix, targets_from, t), -1) for t in tokens.split(batch_size)])
+    moments = input_second_moments(model, sites, tokens, batch_size, weights=targets_from)
     return PreserveSet(tokens.clone(), log_probs.clone(), moments, start, feats.clone())

@@ -14,9 +14,11 @@ Protocol (docs/benchmark.md, "Many edits in one model"), on the embedded default
   base model) and the locality set are measured;
 - **batch**: one edit of all groups' edit images at once, per editor.
 Editors: ``plain`` (the paper's fine-tune) and ``local`` (vitedit's default); both with hypernetwork
-masks at ``sparsity``. The preserve, check and locality sets are fixed for the whole run; the
-preservation targets are the current model's predictions on the preserve set (as ``apply --on-top``
-takes them), so an edit is asked to keep the earlier edits' behaviour, not the base model's.
+masks at ``sparsity``. The preserve, check and locality sets are fixed for the whole run. In a stack
+the local editor holds the preserve set to the *base* model's predictions (ordinary images were never
+meant to change: holding them to the current model lets the drift of every edit compound) and the
+earlier edits' edit images to the *current* model's (the anchor set: what the earlier edits fixed),
+as ``apply --on-top`` does.
 
 *Retained* generalization of a group after a stack: its generalization then, divided by what its
 single edit reached; *still fixed*: the share of the held-out failures its single edit fixed that are
@@ -52,11 +54,14 @@ class SequentialConfig:
     batch: bool = True
     groups: tuple[str, ...] | None = None   # default: every bundled group with enough failures
     anchor_weight: float | None = None      # local editor: hold earlier edits' images (None: the preset's)
+    preserve_targets: str = "base"          # the preserve set's targets in a stack: base or current model
 
     def __post_init__(self) -> None:
         bad = [e for e in self.editors if e not in EDITORS]
         if bad:
             raise UsageError(f"--editors: unknown {', '.join(bad)}; choose from {', '.join(EDITORS)}")
+        if self.preserve_targets not in ("base", "current"):
+            raise UsageError(f"preserve targets {self.preserve_targets!r}: choose base or current")
         if self.orders < 1 or self.edit_images < 1:
             raise UsageError("--orders and --edit-images must be at least 1")
 
@@ -208,11 +213,13 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
             edited: list[dict] = []
             for step, gi in enumerate(order, start=1):
                 g = groups[gi]
-                # hypernet scores, the edit and its preservation targets all see the current (stacked)
-                # model, as `apply --on-top` does: the preserve set keeps what the model does now
+                # hypernet scores and the edit see the current (stacked) model, as `apply --on-top`
+                # does. The preserve set keeps the base model's predictions (ordinary images were
+                # never meant to change, so drift does not compound; cfg.preserve_targets "current"
+                # holds what the stack does now instead) ...
                 kept = build_preserve_set(model, sites, preserve_x) if configs[editor].uses_preserve \
-                    and step > 1 else preserve
-                # and the earlier edits' images keep what the stack does on them (anchor_weight > 0)
+                    and step > 1 and cfg.preserve_targets == "current" else preserve
+                # ... and the earlier edits' images keep what the stack does on them (anchor_weight > 0)
                 anchors = build_anchor_set(model, sites, tokens=torch.cat([h["edit_tokens"] for h in edited])) \
                     if configs[editor].anchor_weight > 0 and edited else None
                 res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,

@@ -104,8 +104,10 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     skip_bad = opts.skip_bad_images
     state = ws.state()
     loaded = _load_workspace_model(ws, state, opts.device)
-    stacked = _stack(ws, state, loaded, opts.on_top)
     sites = tuple(Site.from_json(d) for d in state["sites"])
+    # the base model's edited matrices, before the history goes in: the preserve set's targets
+    base_weights = {s.param: loaded.model.get_parameter(s.param).detach().clone() for s in sites}
+    stacked = _stack(ws, state, loaded, opts.on_top)
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
     failures = _failure_refs(ws, state)
@@ -180,7 +182,11 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                     "failures": (Path(state["failures_dir"]), failures)}
         p_refs = scan_unlabeled(preserve_dir)
         check_disjoint(preserve_dir, p_refs, measured)
-        preserve, preserve_note, bad = _load_preserve(p_refs, loaded, sites, skip_bad, seed, progress)
+        # on top of a stack the ordinary images keep the *base* model's predictions (they were never
+        # meant to change; holding them to the stack would let every edit's drift compound), while
+        # the earlier edits' own images keep the stack's (the anchor set, below)
+        preserve, preserve_note, bad = _load_preserve(p_refs, loaded, sites, skip_bad, seed, progress,
+                                                      targets_from=base_weights if stacked else None)
         skipped += bad
 
     sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base,
@@ -292,7 +298,8 @@ def check_disjoint(preserve_dir: Path, preserve_refs: Sequence["ImageRef"], meas
                                      "preserve set; remove it from one of them (the sets must not overlap)")
 
 
-def _load_preserve(refs, loaded: LoadedModel, sites, skip_bad: bool, seed: int, progress: Progress):
+def _load_preserve(refs, loaded: LoadedModel, sites, skip_bad: bool, seed: int, progress: Progress,
+                   targets_from: dict | None = None):
     """The preserve set as the edit needs it, within the token cache budget.
 
     Its tokens must stay in memory (a minibatch is drawn every step), so a set too large for the
@@ -320,7 +327,7 @@ def _load_preserve(refs, loaded: LoadedModel, sites, skip_bad: bool, seed: int, 
         note = (f"the preserve set's tokens exceed the cache budget, so a seeded {fit} of its {len(batches.refs)} "
                 "images were used (raise VITEDIT_CACHE_BUDGET_MB to use more)")
     progress("caching preserve set", 1, 1)
-    return build_preserve_set(loaded.model, sites, tokens=tokens), note, batches.bad
+    return build_preserve_set(loaded.model, sites, tokens=tokens, targets_from=targets_from), note, batches.bad
 
 
 def resolve_edit_config(loaded: LoadedModel, overrides: dict | None, objective: str = "plain") -> EditConfig:
