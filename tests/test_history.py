@@ -195,3 +195,18 @@ def test_on_top_holds_the_earlier_edits_images_and_says_which_are_gone(stacked, 
     res = cli_json("apply", "-w", again, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "50")
     assert res["anchor_images"] == len(recorded) - 1
     assert any("1 of the earlier edits' images are gone or changed" in n for n in res["notes"])
+
+
+def test_history_tables_every_edits_retained_share_and_plots_it(stacked, tmp_path):
+    plot = tmp_path / "history.png"
+    res = cli_json("history", "-w", stacked["ws"], "--plot", plot)
+    table = res["interference_table"]
+    assert [r["edits"] for r in table] == [1, 2] and res["plot"] == str(plot)
+    assert table[0]["retained"] == {"1": 1.0} or table[0]["retained"] == {1: 1.0}
+    (earlier,) = stacked["second"]["interference"]
+    after_two = {int(k): v for k, v in table[1]["retained"].items()}
+    assert after_two == {1: earlier["retained"], 2: 1.0}
+    assert table[1]["check_accuracy"] == stacked["second"]["cumulative"].get("accuracy_after")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = cli("history", "-w", stacked["ws"])
+    assert code == 0 and "Retained generalization of every edit" in out

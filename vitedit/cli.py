@@ -135,6 +135,10 @@ def _pct(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _pct0(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -766,13 +770,15 @@ def benchmark(
 @app.command("history")
 def history_cmd(
     workspace: Path = WorkspaceOpt,
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: each edit's retained generalization and the "
+                                        "check accuracy against the number of edits."),
     as_json: bool = JsonOpt,
 ) -> None:
     """List the edits stacked in the workspace, with their figures when each was made."""
     from .jobs.history import HistoryConfig, run_history
 
     ui = UI(as_json, True)
-    res = run_history(HistoryConfig(workspace))
+    res = run_history(HistoryConfig(workspace, plot=plot))
     if as_json:
         return ui.emit_json(res)
     if not res["edits"]:
@@ -786,6 +792,14 @@ def history_cmd(
                _pct(e["cumulative"].get("flip_rate")),
                ", ".join(f"{i['index']}: {_pct(i['retained'])}" for i in e["interference"]) or "-"]
               for e in res["edits"]])
+    if len(res["edits"]) > 1:
+        rows = res["interference_table"]
+        ui.table("Retained generalization of every edit after each later one (vs when it was made)",
+                 ["after edit", *[str(r["index"]) for r in rows], "mean", "check accuracy"],
+                 [[r["index"], *[_pct0(r["retained"].get(c["index"])) if c["edits"] <= r["edits"] else ""
+                                 for c in rows], _pct0(r["mean_retained"]), _pct(r["check_accuracy"])] for r in rows])
+    if res["plot"]:
+        ui.out.print(f"plot: {res['plot']}")
 
 
 @app.command("revert")

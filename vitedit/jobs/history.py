@@ -146,16 +146,77 @@ def sync(ws: Workspace, loaded) -> bool:
 class HistoryConfig:
     workspace: Path = Path(".vitedit")
     device: str = "cpu"
+    plot: Path | None = None         # write the interference plot (PNG) here
+
+
+def interference_table(edits: list[dict]) -> list[dict]:
+    """One row per edit of the history: after edit k, every edit so far (the newest at its own figure)
+    with its retained share, the mean over them, and the stack's check accuracy and drop vs the base."""
+    rows = []
+    for k, e in enumerate(edits, start=1):
+        retained = {int(i["index"]): i["retained"] for i in e["interference"]}
+        retained[int(e["index"])] = 1.0  # the newest edit is measured as it was made
+        known = [v for v in retained.values() if v is not None]
+        c = e.get("cumulative", {})
+        rows.append({"edits": k, "index": int(e["index"]), "failures": Path(e["failures_dir"]).name, "retained": retained,
+                     "mean_retained": sum(known) / len(known) if known else None,
+                     "check_accuracy": c.get("accuracy_after"), "accuracy_drop": c.get("accuracy_drop"),
+                     "flip_rate": c.get("flip_rate")})
+    return rows
+
+
+def plot_history(rows: list[dict], out: Path, base_check: float | None, title: str) -> None:
+    """Each edit's retained generalization against the number of edits in the model (one line per
+    edit, from when it was made), and the stack's check accuracy against the base model's."""
+    import matplotlib
+
+    from ..artifacts import atomic_path
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for index, name in [(r["index"], r["failures"]) for r in rows]:
+        pts = [(r["edits"], r["retained"][index]) for r in rows if r["retained"].get(index) is not None]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"edit {index} ({name})")
+    axes[0].plot([r["edits"] for r in rows], [r["mean_retained"] for r in rows], color="black", linewidth=2,
+                 label="mean")
+    axes[0].axhline(0.8, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("retained generalization (vs when it was made)")
+    acc = [(r["edits"], r["check_accuracy"]) for r in rows if r["check_accuracy"] is not None]
+    if acc:
+        axes[1].plot([a[0] for a in acc], [a[1] for a in acc], marker="o", color="tab:blue", label="stack")
+    if base_check is not None:
+        axes[1].axhline(base_check, color="grey", linestyle="--", linewidth=1, label="base model")
+    axes[1].set_ylabel("check-set accuracy")
+    for ax in axes:
+        ax.set_xlabel("number of edits in the model")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if not acc and base_check is None:
+        axes[1].text(0.5, 0.5, "no check set was measured", ha="center", transform=axes[1].transAxes)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def run_history(cfg: HistoryConfig, progress: Progress = _noop) -> dict:
-    """The workspace's edits in order with their figures (as recorded when each was made)."""
+    """The workspace's edits in order with their figures (as recorded when each was made), the
+    interference table (every edit's retained share after each later one) and, with ``plot``, its plot."""
     ws = Workspace(cfg.workspace)
     state = ws.state()
     history = History(ws)
     data = history.read({"name": state["model"]["name"], "weights_sha256": state["model"]["weights_sha256"]})
+    table = interference_table(data["edits"])
+    if cfg.plot is not None and table:
+        plot_history(table, Path(cfg.plot), data.get("base_check_accuracy"),
+                     f"{len(table)} edits in {ws.root} ({state['model']['name']})")
     return {"workspace": str(ws.root), "model": state["model"]["name"], "edits": data["edits"],
-            "base_check_accuracy": data.get("base_check_accuracy")}
+            "base_check_accuracy": data.get("base_check_accuracy"), "interference_table": table,
+            "plot": str(cfg.plot) if cfg.plot is not None and table else None}
 
 
 @dataclass(frozen=True)
