@@ -106,7 +106,8 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     loaded = _load_workspace_model(ws, state, opts.device)
     sites = tuple(Site.from_json(d) for d in state["sites"])
     # the base model's edited matrices, before the history goes in: the preserve set's targets
-    base_weights = {s.param: loaded.model.get_parameter(s.param).detach().clone() for s in sites}
+    base_weights = {s.param: loaded.model.get_parameter(s.param).detach().clone() for s in sites} \
+        if opts.on_top else None
     stacked = _stack(ws, state, loaded, opts.on_top)
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
