@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import write_images
@@ -131,3 +132,34 @@ def test_an_edit_reports_every_step_with_its_loss(ws):
     steps = [s for s in seen if s[0] == "editing" and s[3].startswith("loss")]
     assert [s[1] for s in steps] == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 4
     assert all(s[2] == 4 for s in steps)
+
+
+def test_on_top_the_preserve_set_keeps_the_base_models_predictions_and_the_anchors_the_stacks(ws, tmp_path):
+    """A local edit on top of a stack: the preserve targets are the base model's (not the stack's),
+    the anchor set is edit 1's images with the stack's predictions."""
+    import torch
+
+    from vitedit.jobs.experiment import ExperimentOptions, _prepare
+    from vitedit.preserve import build_preserve_set
+    from vitedit.workspace import Workspace
+
+    work = shutil.copytree(ws["ws"], tmp_path / "ws")
+    (work / "lock").unlink(missing_ok=True)
+    fast = ["--max-steps", "5", "--lr", "1e-2", "--preserve", ws["preserve"], "--check", ws["check"]]
+    first = cli_json("apply", "-w", work, *fast)
+    state = json.loads((work / "workspace.json").read_text())["model"]
+    cli_json("locate", ws["failures"], "-w", work, "--locator", "random", "--on-top", "--seed", "2",
+             *model_args(Path(state["weights"]), Path(state["labels_file"])))
+    job = _prepare(Workspace(work), ExperimentOptions(preserve=ws["preserve"], check=ws["check"], on_top=True),
+                   lambda *a: None)
+    assert job.stacked == 1
+    # job.loaded.model holds the stack here
+    stack_targets = build_preserve_set(job.loaded.model, job.sites, tokens=job.preserve.tokens).base_log_probs
+    from vitedit.history import History
+
+    (p,) = History(Workspace(work)).patches(job.loaded.identity)
+    p.revert(job.loaded.model)   # back to the base weights
+    base = build_preserve_set(job.loaded.model, job.sites, tokens=job.preserve.tokens)
+    assert torch.allclose(job.preserve.base_log_probs, base.base_log_probs, atol=1e-5)
+    assert not torch.allclose(job.preserve.base_log_probs, stack_targets, atol=1e-4)  # the stack did move them
+    assert len(job.anchors) == first["edit_images"]
