@@ -95,16 +95,24 @@ class AnchorSet:
         return len(self.tokens)
 
 
-def build_anchor_set(model: "nn.Module", sites: Sequence[Site], images: "torch.Tensor | None" = None, *,
-                     tokens: "torch.Tensor | None" = None, batch_size: int = 256) -> AnchorSet:
-    """The anchor set of ``model`` (which holds the stack so far): (M, C, H, W) images or their
-    prefix tokens at the first edited block."""
+def _prefix_tokens(model, sites, images, tokens, batch_size: int):
+    """(first edited block, prefix tokens there): ``tokens`` as given, else computed from ``images``."""
     import torch
 
     start = min(s.block for s in sites)
     if tokens is None:
         with torch.inference_mode():
             tokens = torch.cat([forward_prefix(model, x, start) for x in images.split(batch_size)])
+    return start, tokens
+
+
+def build_anchor_set(model: "nn.Module", sites: Sequence[Site], images: "torch.Tensor | None" = None, *,
+                     tokens: "torch.Tensor | None" = None, batch_size: int = 256) -> AnchorSet:
+    """The anchor set of ``model`` (which holds the stack so far): (M, C, H, W) images or their
+    prefix tokens at the first edited block."""
+    import torch
+
+    start, tokens = _prefix_tokens(model, sites, images, tokens, batch_size)
     suffix = make_suffix(model, start)
     with torch.inference_mode():
         log_probs = torch.cat([torch.log_softmax(suffix(t), -1) for t in tokens.split(batch_size)])
@@ -168,10 +176,7 @@ def build_preserve_set(model: "nn.Module", sites: Sequence[Site], images: "torch
     """
     import torch
 
-    start = min(s.block for s in sites)
-    if tokens is None:
-        with torch.inference_mode():
-            tokens = torch.cat([forward_prefix(model, x, start) for x in images.split(batch_size)])
+    start, tokens = _prefix_tokens(model, sites, images, tokens, batch_size)
     suffix = make_suffix(model, start)
     with torch.inference_mode():
         feats = torch.cat([_run(suffix, targets_from, t, pre_logits=True) for t in tokens.split(batch_size)])  # (N, D)
