@@ -228,18 +228,14 @@ def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Seq
     from ..data import ImageRef, load_tensors as load_images
     from ..history import History
     from ..preserve import build_anchor_set
+    from .history import intact_images
 
     measured = {sha256_file(p) for p in measured_paths}
-    refs, missing, skipped_measured = [], 0, 0
-    for entry in History(ws).read(loaded.identity)["edits"]:
-        for e in entry.get("edit_images", []):
-            path = Path(e["path"])
-            if not path.is_file() or sha256_file(path) != e["sha256"]:
-                missing += 1
-            elif e["sha256"] in measured:
-                skipped_measured += 1
-            else:
-                refs.append(ImageRef(path, e["label"], None))
+    recorded = [e for entry in History(ws).read(loaded.identity)["edits"] for e in entry.get("edit_images", [])]
+    intact = intact_images(recorded)
+    held = [e for e in intact if e["sha256"] not in measured]
+    missing, skipped_measured = len(recorded) - len(intact), len(intact) - len(held)
+    refs = [ImageRef(Path(e["path"]), e["label"], None) for e in held]
     progress("caching earlier edits' images", 0, 1)
     anchors = None
     if refs:

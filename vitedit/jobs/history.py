@@ -19,6 +19,11 @@ def _image_entry(ref) -> dict:
             "sha256": sha256_file(ref.path)}
 
 
+def intact_images(entries: list[dict]) -> list[dict]:
+    """The recorded image entries (path, label, sha256) whose file is still there with that content."""
+    return [e for e in entries if Path(e["path"]).is_file() and sha256_file(e["path"]) == e["sha256"]]
+
+
 def _remeasure(job, entry: dict, final: dict) -> dict:
     """Edit ``entry``'s success and held-out generalization under the ``final`` weights."""
     import torch
@@ -30,8 +35,7 @@ def _remeasure(job, entry: dict, final: dict) -> dict:
     dev = next(job.loaded.model.parameters()).device
     out = {"index": entry["index"], "failures": entry["failures_dir"]}
     for key, metric in (("edit_images", "success"), ("holdout", "generalization")):
-        refs = [ImageRef(Path(e["path"]), e["label"], None) for e in entry.get(key, [])
-                if Path(e["path"]).is_file() and sha256_file(e["path"]) == e["sha256"]]
+        refs = [ImageRef(Path(e["path"]), e["label"], None) for e in intact_images(entry.get(key, []))]
         out[f"{metric}_images"] = len(refs)
         if not refs:
             out[metric] = None
