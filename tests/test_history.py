@@ -170,13 +170,20 @@ def test_on_top_holds_the_earlier_edits_images_and_says_which_are_gone(stacked, 
     cli_json("locate", stacked["b"], "-w", ws, "--locator", "random", "--on-top", "--seed", "1",
              *model_args(*_model_files(stacked)))
     unheld = shutil.copytree(ws, tmp_path / "ws-unheld")
+    viewed = shutil.copytree(ws, tmp_path / "ws-viewed")
     held = cli_json("apply", "-w", ws, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "50")
     assert held["anchor_images"] == stacked["first"]["edit_images"] > 0
     assert held["edit_config"]["anchor_weight"] == 50
     free = cli_json("apply", "-w", unheld, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "0")
     assert free["anchor_images"] == 0
-    new = {n: Patch.load(w / "patches" / "002.safetensors")[0].new for n, w in (("held", ws), ("free", unheld))}
+    # --anchor-views: the same images held, with views of each too; the edit changes again
+    views = cli_json("apply", "-w", viewed, "--sparsity", "0.05", "--on-top", *FAST, "--anchor-weight", "50",
+                     "--anchor-views", "2")
+    assert views["anchor_images"] == held["anchor_images"] and views["edit_config"]["anchor_views"] == 2
+    new = {n: Patch.load(w / "patches" / "002.safetensors")[0].new
+           for n, w in (("held", ws), ("free", unheld), ("viewed", viewed))}
     assert any(not torch.equal(new["held"][p], new["free"][p]) for p in new["held"])
+    assert any(not torch.equal(new["held"][p], new["viewed"][p]) for p in new["held"])
 
     # one of edit 1's images changed since: it is not held, and the note says so
     again = shutil.copytree(stacked["root"] / "ws-after-a", tmp_path / "ws-again")

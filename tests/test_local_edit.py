@@ -124,6 +124,26 @@ def test_anchor_set_holds_the_current_models_predictions(model, sites, anchors):
     assert torch.allclose(anchor_set.log_probs, want, atol=1e-5)
 
 
+def test_anchor_views_add_seeded_views_of_every_image_with_the_current_predictions(model, sites, anchors):
+    """views=2: the images first (unchanged), then 2 views of each, each view's target the current
+    model's prediction on that view; the same seed draws the same views, another seed others."""
+    from vitedit.edit import augment_views
+
+    images, anchor_set = anchors
+    viewed = build_anchor_set(model, sites, images, views=2, seed=7)
+    assert len(viewed) == 3 * len(images) and viewed.images == len(images) == anchor_set.images
+    assert torch.equal(viewed.tokens[:6], anchor_set.tokens) and torch.equal(viewed.log_probs[:6], anchor_set.log_probs)
+    extra = augment_views(images, 2, torch.Generator().manual_seed(7))
+    assert not torch.equal(extra, images.repeat(2, 1, 1, 1))  # views differ from the images
+    with torch.no_grad():
+        want = torch.log_softmax(model(extra), -1)
+    assert torch.allclose(viewed.log_probs[6:], want, atol=1e-5)
+    assert torch.equal(build_anchor_set(model, sites, images, views=2, seed=7).tokens, viewed.tokens)
+    assert not torch.equal(build_anchor_set(model, sites, images, views=2, seed=8).tokens, viewed.tokens)
+    with pytest.raises(UsageError, match="images"):
+        build_anchor_set(model, sites, tokens=anchor_set.tokens, views=1)
+
+
 def test_preserve_targets_can_come_from_the_base_weights_while_the_model_holds_a_stack(model, sites, preserve):
     """On top of a stack the preserve set keeps the base model's behaviour: built on the edited model
     with the base weights substituted, it equals the one built on the base model."""
@@ -258,7 +278,7 @@ def test_the_preserve_terms_need_a_preserve_set(model, data, sites):
     (dict(preserve_weight=-1.0), "--preserve-weight"), (dict(nullspace_threshold=0.0), "--nullspace"),
     (dict(nullspace_threshold=2.0), "--nullspace"), (dict(stop_margin=1.0), "--stop-margin"),
     (dict(preserve_batch=0), "--preserve-batch"), (dict(augment=-1), "--augment"),
-    (dict(anchor_weight=-1.0), "--anchor-weight"),
+    (dict(anchor_weight=-1.0), "--anchor-weight"), (dict(anchor_views=-1), "--anchor-views"),
     (dict(objective="gentle"), "--objective")])
 def test_edit_config_names_the_flag(kwargs, flag):
     with pytest.raises(UsageError, match=flag):

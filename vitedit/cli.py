@@ -149,11 +149,11 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def _edit_config(lr: Optional[float], max_steps: Optional[int], preserve_weight: Optional[float] = None,
                  nullspace: Optional[str] = None, stop_margin: Optional[str] = None,
                  augment: Optional[int] = None, preserve_batch: Optional[int] = None,
-                 anchor_weight: Optional[float] = None) -> dict:
+                 anchor_weight: Optional[float] = None, anchor_views: Optional[int] = None) -> dict:
     """Only the flags the user gave; the library merges them over the objective's and the model's defaults.
     ``--nullspace off`` / ``--stop-margin off`` switch those terms off."""
     out = {"lr": lr, "max_steps": max_steps, "preserve_weight": preserve_weight, "augment": augment,
-           "preserve_batch": preserve_batch, "anchor_weight": anchor_weight}
+           "preserve_batch": preserve_batch, "anchor_weight": anchor_weight, "anchor_views": anchor_views}
     for key, flag, text in (("nullspace_threshold", "--nullspace", nullspace), ("stop_margin", "--stop-margin", stop_margin)):
         if text is None:
             continue
@@ -195,6 +195,8 @@ PreserveBatchOpt = typer.Option(None, "--preserve-batch", help="Preserve images 
 AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
 AnchorWeightOpt = typer.Option(None, "--anchor-weight", help="With --on-top: how strongly the earlier edits' images keep "
                                "the stacked model's predictions (local default 3; 0 = not held).")
+AnchorViewsOpt = typer.Option(None, "--anchor-views", help="With --on-top: also hold this many shifted / mirrored views "
+                              "of each earlier edit image (default 0).")
 OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
                         "instead of from the base model; every earlier edit is re-measured.")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
@@ -286,6 +288,7 @@ def apply(
     augment: Optional[int] = AugmentOpt,
     preserve_batch: Optional[int] = PreserveBatchOpt,
     anchor_weight: Optional[float] = AnchorWeightOpt,
+    anchor_views: Optional[int] = AnchorViewsOpt,
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most optimizer steps (plain 100, local 200)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (RMSprop). Default: the model's recommended value, else 2e-5 (the paper's)."),
     max_accuracy_drop: float = MaxDropOpt,
@@ -304,7 +307,7 @@ def apply(
 
     ui = UI(as_json, quiet)
     experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
-                                                preserve_batch, anchor_weight),
+                                                preserve_batch, anchor_weight, anchor_views),
                                    holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
                                    on_top=on_top)
@@ -379,6 +382,7 @@ def report(
     stop_margin: Optional[str] = StopMarginOpt,
     augment: Optional[int] = AugmentOpt,
     anchor_weight: Optional[float] = AnchorWeightOpt,
+    anchor_views: Optional[int] = AnchorViewsOpt,
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     holdout: Optional[float] = typer.Option(None, "--holdout"),
@@ -396,7 +400,7 @@ def report(
 
     ui = UI(as_json, quiet)
     experiment = ExperimentOptions(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
-                                                anchor_weight=anchor_weight), holdout,
+                                                anchor_weight=anchor_weight, anchor_views=anchor_views), holdout,
                                    generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
                                    on_top=on_top)
@@ -714,6 +718,8 @@ def benchmark(
     editors: str = typer.Option("plain,local", "--editors", help="With --sequential: plain and/or local."),
     anchor_weight: Optional[float] = typer.Option(None, "--anchor-weight", help="With --sequential: the local editor's "
                                                   "hold on earlier edits' images (default: the preset's; 0 = none)."),
+    anchor_views: Optional[int] = typer.Option(None, "--anchor-views", help="With --sequential: shifted / mirrored views "
+                                               "of each earlier edit image also held (default: the preset's; 0 = none)."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -723,7 +729,7 @@ def benchmark(
     ui = UI(as_json, quiet)
     if sequential:
         return _sequential(ui, groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
-                           anchor_weight)
+                           anchor_weight, anchor_views)
     cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
@@ -819,7 +825,7 @@ def revert_cmd(
 
 
 def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
-                anchor_weight=None) -> None:
+                anchor_weight=None, anchor_views=None) -> None:
     from .sequential import SequentialConfig, run_sequential
 
     images = _floats(edit_images, "--edit-images")
@@ -829,7 +835,7 @@ def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check
                            sparsity[0] if sparsities != "0.01,0.02,0.05,0.1,0.25,0.5" else 0.05, seed,
                            out if str(out) != "benchmark-results" else Path("benchmark-sequential"), check, preserve,
                            locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None,
-                           anchor_weight=anchor_weight)
+                           anchor_weight=anchor_weight, anchor_views=anchor_views)
     with ui.progress() as progress:
         res = run_sequential(cfg, progress)
     if ui.as_json:

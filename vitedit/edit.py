@@ -63,6 +63,9 @@ class EditConfig:
       KL(current || edited)`` on *all* the earlier edits' edit images every step (the anchor set,
       ``preserve.AnchorSet``), so a new edit keeps what the earlier ones fixed. Ignored without
       anchors (a first edit).
+    - ``anchor_views``: also hold this many shifted / mirrored views of each anchor image, drawn
+      once (seeded) when the anchor set is built (``preserve.build_anchor_set``), so a new edit
+      keeps the earlier edits' predictions around their images, not only on them.
     """
 
     lr: float = 2e-5
@@ -77,6 +80,7 @@ class EditConfig:
     preserve_nearest: int = 0
     preserve_loss: str = "kl"
     anchor_weight: float = 0.0
+    anchor_views: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -98,6 +102,8 @@ class EditConfig:
             raise UsageError(f"--preserve-loss {self.preserve_loss!r}: choose {' or '.join(PRESERVE_LOSSES)}")
         if not self.anchor_weight >= 0:
             raise UsageError(f"--anchor-weight {self.anchor_weight} must be >= 0 (0 = earlier edits are not held)")
+        if self.anchor_views < 0:
+            raise UsageError(f"--anchor-views {self.anchor_views}: give the number of views per anchor image (0 = none)")
         if self.preserve_nearest < 0:
             raise UsageError(f"--preserve-nearest {self.preserve_nearest} must be >= 0 (0 = draw from the whole set)")
         if self.augment < 0:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from .errors import UsageError
 from .models import Site, forward_prefix, make_suffix
 
 if TYPE_CHECKING:
@@ -90,9 +91,14 @@ class AnchorSet:
     tokens: "torch.Tensor"     # (M, T, D) at blocks[start]
     log_probs: "torch.Tensor"  # (M, classes) under the current model
     start: int
+    views: int = 0             # views per image after the images themselves: M = (1 + views) * images
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def images(self) -> int:
+        return len(self.tokens) // (1 + self.views)
 
 
 def _prefix_tokens(model, sites, images, tokens, batch_size: int):
@@ -107,16 +113,26 @@ def _prefix_tokens(model, sites, images, tokens, batch_size: int):
 
 
 def build_anchor_set(model: "nn.Module", sites: Sequence[Site], images: "torch.Tensor | None" = None, *,
-                     tokens: "torch.Tensor | None" = None, batch_size: int = 256) -> AnchorSet:
+                     tokens: "torch.Tensor | None" = None, views: int = 0, seed: int = 0,
+                     batch_size: int = 256) -> AnchorSet:
     """The anchor set of ``model`` (which holds the stack so far): (M, C, H, W) images or their
-    prefix tokens at the first edited block."""
+    prefix tokens at the first edited block. ``views`` > 0 adds that many shifted / mirrored views of
+    every image (``edit.augment_views``, drawn with ``seed``): (M, ...) -> ((1 + views) * M, ...)
+    anchors. Views need the images; ``tokens``, when given with them, are the images' own tokens."""
     import torch
 
+    from .edit import augment_views
+
+    if views and images is None:
+        raise UsageError("anchor views need the earlier edits' images, not only their tokens")
     start, tokens = _prefix_tokens(model, sites, images, tokens, batch_size)
+    if views:
+        extra = augment_views(images, views, torch.Generator().manual_seed(seed))
+        tokens = torch.cat([tokens, _prefix_tokens(model, sites, extra, None, batch_size)[1]])
     suffix = make_suffix(model, start)
     with torch.inference_mode():
         log_probs = torch.cat([torch.log_softmax(suffix(t), -1) for t in tokens.split(batch_size)])
-    return AnchorSet(tokens.clone(), log_probs.clone(), start)
+    return AnchorSet(tokens.clone(), log_probs.clone(), start, views)
 
 
 def input_second_moments(model: "nn.Module", sites: Sequence[Site], tokens: "torch.Tensor",

@@ -54,6 +54,7 @@ class SequentialConfig:
     batch: bool = True
     groups: tuple[str, ...] | None = None   # default: every bundled group with enough failures
     anchor_weight: float | None = None      # local editor: hold earlier edits' images (None: the preset's)
+    anchor_views: int | None = None         # local editor: views of each anchor image also held (None: the preset's)
     preserve_targets: str = "base"          # the preserve set's targets in a stack: base or current model
 
     def __post_init__(self) -> None:
@@ -118,7 +119,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     loc = TokenCache(base.model, start, loc_x)
     loc_base = loc.predict()
     configs = {"plain": resolve_edit_config(base, {}, "plain"),
-               "local": resolve_edit_config(base, {"anchor_weight": cfg.anchor_weight}, "local")}
+               "local": resolve_edit_config(base, {"anchor_weight": cfg.anchor_weight,
+                                                           "anchor_views": cfg.anchor_views}, "local")}
     preserve_x = preserve = None
     if any(configs[e].uses_preserve for e in cfg.editors):  # the plain editor never reads it
         preserve_dir = Path(cfg.preserve) if cfg.preserve else default_preserve_dir(base)
@@ -220,7 +222,10 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                 kept = build_preserve_set(model, sites, preserve_x) if configs[editor].uses_preserve \
                     and step > 1 and cfg.preserve_targets == "current" else preserve
                 # ... and the earlier edits' images keep what the stack does on them (anchor_weight > 0)
-                anchors = build_anchor_set(model, sites, tokens=torch.cat([h["edit_tokens"] for h in edited])) \
+                anchors = build_anchor_set(model, sites, torch.cat([h["x_edit"] for h in edited]),
+                                           tokens=torch.cat([h["edit_tokens"] for h in edited]),
+                                           views=configs[editor].anchor_views,
+                                           seed=_seed(cfg.seed, g["group"], "anchors", o)) \
                     if configs[editor].anchor_weight > 0 and edited else None
                 res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
                               _seed(cfg.seed, g["group"], "sequential", o), kept, anchors)

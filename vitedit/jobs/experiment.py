@@ -202,7 +202,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     anchors = None
     if stacked and edit_config.anchor_weight > 0:
         anchors, note = _load_anchors(ws, loaded, sites, [r.path for r in (g_batches.refs if g_batches else [])],
-                                      progress)
+                                      progress, views=edit_config.anchor_views, seed=seed)
         if note:
             notes.append(note)
     if preserve is None and edit_config.uses_preserve:
@@ -221,10 +221,12 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                       "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors)
 
 
-def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Sequence[Path], progress: Progress):
+def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Sequence[Path], progress: Progress,
+                  views: int = 0, seed: int = 0):
     """The anchor set of an edit on top of the history: every earlier edit's edit images (as recorded,
-    checked by hash), with the current stacked model's predictions on them. Images that are gone or
-    changed, or that are among this edit's measured generalization images, are left out with a note."""
+    checked by hash) and ``views`` seeded views of each, with the current stacked model's predictions
+    on them. Images that are gone or changed, or that are among this edit's measured generalization
+    images, are left out with a note."""
     from ..data import ImageRef, load_tensors as load_images
     from ..history import History
     from ..preserve import build_anchor_set
@@ -242,7 +244,8 @@ def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Seq
         x, good, bad = load_images(refs, loaded.transform, loaded.channels, skip_bad=True)
         missing += len(bad)
         if len(good):
-            anchors = build_anchor_set(loaded.model, sites, x.to(next(loaded.model.parameters()).device))
+            anchors = build_anchor_set(loaded.model, sites, x.to(next(loaded.model.parameters()).device),
+                                       views=views, seed=seed)
     progress("caching earlier edits' images", 1, 1)
     parts = []
     if missing:
@@ -396,7 +399,7 @@ def _sets_info(job: _Job) -> dict:
         "check_source": str(job.check_dir) if job.check_dir else None,
         "preserve_images": len(job.preserve) if job.preserve is not None else 0,
         "preserve_source": str(job.preserve_dir) if job.preserve is not None else None,
-        "anchor_images": len(job.anchors) if job.anchors is not None else 0,
+        "anchor_images": job.anchors.images if job.anchors is not None else 0,
         "notes": _notes(job),
     }
 
