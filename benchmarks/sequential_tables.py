@@ -78,8 +78,10 @@ def main() -> None:
         res = json.loads(path.read_text())
         cfg = res.get("edit_configs", {}).get("local", {})
         print(f"## {path.parent.name}: {len(res['groups'])} groups, {res['orders']} orders, "
-              f"anchor weight {cfg.get('anchor_weight', 0)}, preserve targets "
-              f"{res.get('config', {}).get('preserve_targets', '(not recorded)')}, {res['wall_seconds']:.0f} s\n")
+              f"sparsity {res['sparsity']:g}, anchor weight {cfg.get('anchor_weight', 0)}, "
+              f"anchor views {cfg.get('anchor_views', 0)}, disjoint units {res.get('config', {}).get('disjoint', False)}, "
+              f"preserve targets {res.get('config', {}).get('preserve_targets', '(not recorded)')}, "
+              f"{res['wall_seconds']:.0f} s\n")
         for table in (summary_table(res), steps_table(res), groups_table(res)):
             print("\n".join(table) + "\n")
 

@@ -157,3 +157,25 @@ def test_unit_scores_refuse_a_file_of_another_kind(tmp_path):
     save_tensors(path, {"x": torch.zeros(1)}, {"kind": "patch", "model": IDENTITY})
     with pytest.raises(ArtifactError, match="not a vitedit unit-scores file"):
         UnitScores.load(path, IDENTITY)
+
+
+def test_select_never_picks_excluded_units_and_still_picks_k():
+    """exclude (the units earlier edits changed): k units are still chosen, none of them excluded,
+    and they are the best of the others; asking for more than the others hold is refused."""
+    scores = random_scores(5)
+    full = scores.select(0.2)
+    barred = {SITES[0].param: full.indices[SITES[0].param], SITES[2].param: full.indices[SITES[2].param][:3]}
+    mask = scores.select(0.2, exclude=barred)
+    check_mask_shape(mask)
+    assert mask.selected == full.selected == 28
+    for p, ix in barred.items():
+        assert not set(ix.tolist()) & set(mask.indices[p].tolist())
+    free = [(float(scores.scores[s.param][i]), s.param, i) for s in SITES for i in range(s.units)
+            if i not in set(barred.get(s.param, torch.tensor([], dtype=torch.long)).tolist())]
+    best = {(p, i) for _, p, i in sorted(free, key=lambda t: -t[0])[:28]}
+    assert {(p, int(i)) for p, ix in mask.indices.items() for i in ix} == best
+    assert scores.select(0.2, exclude={}).indices.keys() == full.indices.keys()
+    assert all(torch.equal(scores.select(0.2, exclude={}).indices[p], full.indices[p]) for p in full.indices)
+    everything = {s.param: torch.arange(s.units) for s in SITES[:3]}   # 110 of 140 units barred
+    with pytest.raises(UsageError, match="only 30 of 140"):
+        scores.select(0.25, exclude=everything)

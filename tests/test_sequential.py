@@ -55,6 +55,18 @@ def small_run(tmp_path_factory):
     return run_sequential(cfg, lambda *a: None), out
 
 
+def test_disjoint_stack_never_edits_a_unit_twice(tmp_path):
+    """--disjoint: the second edit's units are all units the first edit did not change (and as many
+    as the sparsity asks); the row records how many units it shared with the earlier edits (none)."""
+    cfg = SequentialConfig(editors=("plain",), edit_images=5, orders=1, groups=("bag", "ankle-boot"), out=tmp_path,
+                           batch=False, disjoint=True, sparsity=0.2)
+    res = run_sequential(cfg, lambda *a: None)
+    seq = sorted((r for r in res["rows"] if r["arm"] == "sequential"), key=lambda r: r["step"])
+    assert [r["shared_units"] for r in seq] == [0, 0]
+    assert seq[0]["units"] == seq[1]["units"] > 0
+    assert res["config"]["disjoint"] is True
+
+
 def test_small_sequential_run_keeps_the_protocol(small_run):
     res, out = small_run
     assert set(res["groups"]) == {"bag", "ankle-boot"}
@@ -69,6 +81,9 @@ def test_small_sequential_run_keeps_the_protocol(small_run):
     # every earlier edit is re-measured after each edit: step k lists the k groups edited so far
     assert [[g["group"] for g in r["groups"]] for r in seq] == [[seq[0]["group"]], [seq[0]["group"], seq[1]["group"]]]
     assert {g["group"] for g in batch[0]["groups"]} == {"bag", "ankle-boot"}
+    # without --disjoint the hypernetwork picks many of the same units for both groups (what
+    # test_disjoint_stack_never_edits_a_unit_twice rules out)
+    assert seq[0]["shared_units"] == 0 and 0 < seq[1]["shared_units"] <= seq[1]["units"]
     single = res["singles"]["plain"]
     for r in seq + batch:
         assert r["accuracy_drop"] == pytest.approx(100 * (res["base_check_accuracy"] - r["check_accuracy"]), abs=1e-3)

@@ -720,6 +720,8 @@ def benchmark(
                                                   "hold on earlier edits' images (default: the preset's; 0 = none)."),
     anchor_views: Optional[int] = typer.Option(None, "--anchor-views", help="With --sequential: shifted / mirrored views "
                                                "of each earlier edit image also held (default: the preset's; 0 = none)."),
+    disjoint: bool = typer.Option(False, "--disjoint", help="With --sequential: a later edit never changes the units "
+                                  "an earlier edit changed."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -729,7 +731,7 @@ def benchmark(
     ui = UI(as_json, quiet)
     if sequential:
         return _sequential(ui, groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
-                           anchor_weight, anchor_views)
+                           anchor_weight, anchor_views, disjoint)
     cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
                           tuple(int(k) for k in _floats(edit_images, "--edit-images")),
@@ -825,7 +827,7 @@ def revert_cmd(
 
 
 def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
-                anchor_weight=None, anchor_views=None) -> None:
+                anchor_weight=None, anchor_views=None, disjoint=False) -> None:
     from .sequential import SequentialConfig, run_sequential
 
     images = _floats(edit_images, "--edit-images")
@@ -835,7 +837,7 @@ def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check
                            sparsity[0] if sparsities != "0.01,0.02,0.05,0.1,0.25,0.5" else 0.05, seed,
                            out if str(out) != "benchmark-results" else Path("benchmark-sequential"), check, preserve,
                            locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None,
-                           anchor_weight=anchor_weight, anchor_views=anchor_views)
+                           anchor_weight=anchor_weight, anchor_views=anchor_views, disjoint=disjoint)
     with ui.progress() as progress:
         res = run_sequential(cfg, progress)
     if ui.as_json:

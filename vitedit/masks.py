@@ -90,12 +90,26 @@ class UnitScores:
 
         return torch.cat([self.scores[s.param].float() for s in self.sites])
 
-    def select(self, density: float) -> UnitMask:
-        """Global top-k over all units."""
+    def select(self, density: float, exclude: dict[str, "torch.Tensor"] | None = None) -> UnitMask:
+        """Global top-k over all units; k = ``density`` x all units. ``exclude`` (site.param -> unit
+        indices, e.g. the units earlier edits changed) are never chosen: k of the others are."""
         import torch
 
         k = units_for(density, self.total)
-        order = torch.sort(self.flat(), descending=True, stable=True).indices[:k]
+        flat = self.flat().clone()
+        if exclude:
+            offset, barred = 0, 0
+            for s in self.sites:
+                ix = exclude.get(s.param)
+                if ix is not None and ix.numel():
+                    ix = torch.unique(ix.to(torch.int64))
+                    flat[offset + ix] = float("-inf")
+                    barred += int(ix.numel())
+                offset += s.units
+            if k > self.total - barred:
+                raise UsageError(f"sparsity {density:g} needs {k} units but only {self.total - barred} of {self.total} "
+                                 "are not changed by earlier edits; give a smaller --sparsity or edit shared units")
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
         indices, offset = {}, 0
         for s in self.sites:
             local = order[(order >= offset) & (order < offset + s.units)] - offset

@@ -56,6 +56,7 @@ class SequentialConfig:
     anchor_weight: float | None = None      # local editor: hold earlier edits' images (None: the preset's)
     anchor_views: int | None = None         # local editor: views of each anchor image also held (None: the preset's)
     preserve_targets: str = "base"          # the preserve set's targets in a stack: base or current model
+    disjoint: bool = False                  # a later edit never changes units an earlier edit changed
 
     def __post_init__(self) -> None:
         bad = [e for e in self.editors if e not in EDITORS]
@@ -153,8 +154,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     def make_suffix_of(model):
         return make_suffix(model, start)
 
-    def edit_on(model, xe, ye, tokens, editor, seed, kept=None, anchors=None):
-        mask = scores_on(model, tokens).select(cfg.sparsity)
+    def edit_on(model, xe, ye, tokens, editor, seed, kept=None, anchors=None, exclude=None):
+        mask = scores_on(model, tokens).select(cfg.sparsity, exclude)
         res = edit(model, mask, xe, ye, configs[editor], tokens=tokens,
                    preserve=(kept if kept is not None else preserve) if configs[editor].uses_preserve else None,
                    seed=seed, anchors=anchors)
@@ -213,6 +214,7 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
             order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(_seed(cfg.seed, "order", o))).tolist()
             model = copy.deepcopy(base.model)
             edited: list[dict] = []
+            changed: dict[str, torch.Tensor] = {}   # units the stack's edits changed so far (cfg.disjoint)
             for step, gi in enumerate(order, start=1):
                 g = groups[gi]
                 # hypernet scores and the edit see the current (stacked) model, as `apply --on-top`
@@ -228,7 +230,11 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                                            seed=_seed(cfg.seed, g["group"], "anchors", o)) \
                     if configs[editor].anchor_weight > 0 and edited else None
                 res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
-                              _seed(cfg.seed, g["group"], "sequential", o), kept, anchors)
+                              _seed(cfg.seed, g["group"], "sequential", o), kept, anchors,
+                              changed if cfg.disjoint else None)
+                shared = sum(int(torch.isin(ix, changed[p]).sum()) for p, ix in res.patch.indices.items() if p in changed)
+                for p, ix in res.patch.indices.items():
+                    changed[p] = torch.cat([changed.get(p, ix[:0]), ix])
                 edited.append(g)
                 weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
                 m = measure(weights)
@@ -239,7 +245,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                                       .argmax(-1) == h["y_edit"]).float().mean())
                     per_group.append(group_figures(h, m, editor, success=succ))
                 rows.append(stack_row(m, per_group, arm="sequential", editor=editor, order=o, step=step,
-                                      group=g["group"], steps=res.steps))
+                                      group=g["group"], steps=res.steps, units=res.patch.units_edited,
+                                      shared_units=shared))
                 partial(rows)
                 done += 1
                 progress("sequential benchmark", done, total)
