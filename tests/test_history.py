@@ -103,6 +103,38 @@ def test_reverting_an_edit_a_later_one_overlaps_is_refused(tmp_path, tiny_weight
     assert code == 2 and "there is no edit 7" in one_error_line(err)
 
 
+def test_disjoint_edits_share_no_unit_and_each_reverts_alone(tmp_path, tiny_weights, labels_file):
+    """--disjoint: the same two half-the-units edits as above, but the second takes only units the
+    first left alone, so the first can be reverted on its own, leaving exactly the second edit on the
+    base model (bit for bit); --disjoint without --on-top is refused."""
+    a = write_images(tmp_path / "a", {"cat": 6, "dog": 6}, seed=11)
+    b = write_images(tmp_path / "b", {"T-shirt_top": 6, "ship": 6}, seed=12)
+    ws = tmp_path / "ws"
+    cli_json("locate", a, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random")
+    code, _, err = cli("apply", "-w", ws, "--sparsity", "0.5", "--disjoint", *FAST)
+    assert code == 2 and "--disjoint" in one_error_line(err) and "--on-top" in one_error_line(err)
+    first = cli_json("apply", "-w", ws, "--sparsity", "0.5", *FAST)
+    cli_json("locate", b, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random", "--on-top",
+             "--seed", "3")
+    second = cli_json("apply", "-w", ws, "--sparsity", "0.5", "--on-top", "--disjoint", *FAST)
+    assert second["disjoint"] is True and second["units_excluded"] == first["units_edited"]
+    assert second["units_edited"] == first["units_edited"]
+    p1, _ = Patch.load(ws / "patches" / "001.safetensors")
+    p2, _ = Patch.load(ws / "patches" / "002.safetensors")
+    for param, ix in p2.indices.items():
+        assert not set(ix.tolist()) & set(p1.indices.get(param, torch.tensor([], dtype=torch.long)).tolist())
+    assert cli_json("revert", "1", "-w", ws)["remaining"] == [2]
+    edited = load_file(str(ws / "edited.safetensors"))
+    want = load_file(str(tiny_weights))
+    for s in p2.sites:
+        want[s.param].index_copy_(s.dim, p2.indices[s.param], p2.new[s.param])
+    for k in want:
+        assert torch.equal(edited[k], want[k]), k
+    cli_json("locate", a, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random", "--on-top")
+    code, _, err = cli("apply", "-w", ws, "--sparsity", "0.6", "--on-top", "--disjoint", *FAST)
+    assert code == 2 and "not changed by earlier edits" in one_error_line(err)
+
+
 def test_a_history_made_for_another_model_is_refused(stacked, tmp_path):
     ws = shutil.copytree(stacked["ws"], tmp_path / "ws")
     (ws / "lock").unlink(missing_ok=True)

@@ -197,6 +197,8 @@ AnchorWeightOpt = typer.Option(None, "--anchor-weight", help="With --on-top: how
                                "the stacked model's predictions (local default 3; 0 = not held).")
 AnchorViewsOpt = typer.Option(None, "--anchor-views", help="With --on-top: also hold this many shifted / mirrored views "
                               "of each earlier edit image (default 0).")
+DisjointOpt = typer.Option(False, "--disjoint", help="With --on-top: choose only units that no earlier edit changed, "
+                           "so every edit of the stack stays revertible on its own.")
 OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
                         "instead of from the base model; every earlier edit is re-measured.")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
@@ -278,6 +280,7 @@ def apply(
                                  "(the paper calls 1 - this the sparsity); 'auto' picks it by the report's rule on a validation half of the held-out failures."),
     objective: str = ObjectiveOpt,
     on_top: bool = OnTopOpt,
+    disjoint: bool = DisjointOpt,
     preserve: Optional[Path] = PreserveOpt,
     no_preserve: bool = NoPreserveOpt,
     check: Optional[Path] = CheckOpt,
@@ -310,7 +313,7 @@ def apply(
                                                 preserve_batch, anchor_weight, anchor_views),
                                    holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
-                                   on_top=on_top)
+                                   on_top=on_top, disjoint=disjoint)
     cfg = ApplyConfig(workspace, _sparsity(sparsity), experiment, max_accuracy_drop)
     with ui.progress() as progress:
         res = run_apply(cfg, progress)
@@ -374,6 +377,7 @@ def report(
     min_locality: float = typer.Option(0.9, "--min-locality", help="Without a check set: recommend the best generalization with at least this locality."),
     objective: str = ObjectiveOpt,
     on_top: bool = OnTopOpt,
+    disjoint: bool = DisjointOpt,
     preserve: Optional[Path] = PreserveOpt,
     no_preserve: bool = NoPreserveOpt,
     check: Optional[Path] = CheckOpt,
@@ -403,7 +407,7 @@ def report(
                                                 anchor_weight=anchor_weight, anchor_views=anchor_views), holdout,
                                    generalization, locality, seed, device, skip_bad_images, objective=objective,
                                    preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
-                                   on_top=on_top)
+                                   on_top=on_top, disjoint=disjoint)
     cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot, experiment,
                        _floats(preserve_weights, "--preserve-weights"), max_accuracy_drop, html,
                        " ".join(["vitedit", *sys.argv[1:]]) if sys.argv and "vitedit" in sys.argv[0] else "vitedit report")

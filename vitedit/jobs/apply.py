@@ -45,7 +45,7 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
             sparsity = cfg.sparsity
         point, patch = _edit_and_measure(job, job.state["locator"], sparsity, progress=progress)
         provenance = {"sparsity": sparsity, "locator": job.state["locator"], "edit_config": job.edit_config.to_json(),
-                      "seed": job.seed, "edit_images": len(job.edit_rows),
+                      "seed": job.seed, "edit_images": len(job.edit_rows), "disjoint": job.exclude is not None,
                       "preserve": str(job.preserve_dir) if job.preserve is not None else None,
                       "metrics": {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before",
                                                          "accuracy_after", "accuracy_drop", "flip_rate")}}

@@ -43,6 +43,7 @@ class ExperimentOptions:
     no_preserve: bool = False
     no_check: bool = False
     on_top: bool = False             # edit on top of the workspace's edit history (see vitedit.history)
+    disjoint: bool = False           # on top: never change a unit an earlier edit of the history changed
 
     def __post_init__(self) -> None:
         if self.holdout is not None:
@@ -53,6 +54,8 @@ class ExperimentOptions:
             raise UsageError("give either --preserve DIR or --no-preserve, not both")
         if self.check is not None and self.no_check:
             raise UsageError("give either --check DIR or --no-check, not both")
+        if self.disjoint and not self.on_top:
+            raise UsageError("--disjoint keeps an edit off the units earlier edits changed: it needs --on-top")
         from ..edit import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
@@ -88,6 +91,7 @@ class _Job:
     refs: dict = field(default_factory=dict)  # set name -> ImageRefs in cache order (for galleries)
     stacked: int = 0                 # edits of the history under this one (--on-top)
     anchors: object = None           # preserve.AnchorSet: the earlier edits' images (--on-top)
+    exclude: dict | None = None      # param -> units the history changed, never chosen (--disjoint)
 
 
 def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
@@ -109,6 +113,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     base_weights = {s.param: loaded.model.get_parameter(s.param).detach().clone() for s in sites} \
         if opts.on_top else None
     stacked = _stack(ws, state, loaded, opts.on_top)
+    exclude = _changed_units(ws, loaded) if opts.disjoint and stacked else None
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
     failures = _failure_refs(ws, state)
@@ -218,7 +223,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                 skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
                 edit_images=edit_images, validation=val_sets,
                 refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
-                      "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors)
+                      "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors, exclude=exclude)
 
 
 def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Sequence[Path], progress: Progress,
@@ -254,6 +259,19 @@ def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Seq
         parts.append(f"{skipped_measured} are among this edit's generalization images")
     note = (f"{'; '.join(parts)}; those are not held by --anchor-weight") if parts else None
     return anchors, note
+
+
+def _changed_units(ws: Workspace, loaded: LoadedModel) -> dict:
+    """param -> every unit index an edit of the workspace's history changed (for --disjoint)."""
+    import torch
+
+    from ..history import History
+
+    out: dict = {}
+    for patch in History(ws).patches(loaded.identity):
+        for p, ix in patch.indices.items():
+            out[p] = torch.unique(torch.cat([out[p], ix])) if p in out else ix.clone()
+    return out
 
 
 def _stack(ws: Workspace, state: dict, loaded: LoadedModel, on_top: bool) -> int:
@@ -354,7 +372,7 @@ def _edit_and_measure(job: _Job, locator: str, sparsity: float, config: EditConf
                       progress: Progress = _noop, sets=None) -> tuple[dict, Patch]:
     """One edit from the unedited model with ``config`` (default: the job's), measured on ``sets``."""
     config = config or job.edit_config
-    mask = _scores(job, locator).select(sparsity)
+    mask = _scores(job, locator).select(sparsity, job.exclude)
 
     def step(done: int, total: int, loss: float) -> None:
         progress("editing", done, total, f"loss {loss:.3f}")
@@ -400,6 +418,8 @@ def _sets_info(job: _Job) -> dict:
         "preserve_images": len(job.preserve) if job.preserve is not None else 0,
         "preserve_source": str(job.preserve_dir) if job.preserve is not None else None,
         "anchor_images": job.anchors.images if job.anchors is not None else 0,
+        "disjoint": job.exclude is not None,
+        "units_excluded": sum(int(ix.numel()) for ix in job.exclude.values()) if job.exclude else 0,
         "notes": _notes(job),
     }
 
