@@ -133,6 +133,10 @@ def test_disjoint_edits_share_no_unit_and_each_reverts_alone(tmp_path, tiny_weig
     cli_json("locate", a, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random", "--on-top")
     code, _, err = cli("apply", "-w", ws, "--sparsity", "0.6", "--on-top", "--disjoint", *FAST)
     assert code == 2 and "not changed by earlier edits" in one_error_line(err)
+    # the report's sweep skips the sparsities that do not fit, and says so
+    rep = cli_json("report", "-w", ws, "--on-top", "--disjoint", "--sparsities", "0.05,0.6", *FAST)
+    assert {p["sparsity"] for p in rep["points"]} == {0.05}
+    assert any("sparsities 0.6 were skipped" in n for n in rep["notes"])
 
 
 def test_a_history_made_for_another_model_is_refused(stacked, tmp_path):

@@ -426,7 +426,20 @@ def _sets_info(job: _Job) -> dict:
 
 def _sweep(job: _Job, sparsities: Sequence[float], weights: Sequence[float], locators: Sequence[str],
            progress: Progress, what: str, sets=None) -> list[dict]:
-    """Edits at every (locator, sparsity, preserve weight); random masks only at the job's weight."""
+    """Edits at every (locator, sparsity, preserve weight); random masks only at the job's weight.
+    With --disjoint, sparsities that need more units than the history left free are skipped (noted)."""
+    from ..masks import units_for
+
+    if job.exclude:
+        total = sum(s.units for s in job.sites)
+        free = total - sum(int(ix.numel()) for ix in job.exclude.values())
+        fits = [s for s in sparsities if units_for(s, total) <= free]
+        if len(fits) < len(sparsities):
+            if not fits:  # the error names the smallest one
+                _scores(job, job.state["locator"]).select(min(sparsities), job.exclude)
+            job.notes.append(f"--disjoint: {free} of {total} units are free of earlier edits, so sparsities "
+                             f"{', '.join(f'{s:g}' for s in sparsities if s not in fits)} were skipped")
+            sparsities = fits
     runs = []
     for s in sparsities:
         for loc in locators:
