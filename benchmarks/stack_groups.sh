@@ -6,7 +6,7 @@
 #   python -m vitedit.zoo.fashion test-images --work build/fashion
 #   python -m vitedit.zoo.fashion all-test-images --work build/fashion
 #   OMP_NUM_THREADS=1 bash benchmarks/stack_groups.sh build/stack [plain|local] [SPARSITY] [APPLY FLAGS...]
-# (extra flags go to every `apply`, e.g. --anchor-weight 10 --anchor-views 2)
+# (extra flags go to every `apply --on-top`, e.g. --anchor-weight 10 --disjoint)
 set -euo pipefail
 out=${1:-build/stack}; objective=${2:-local}; sparsity=${3:-0.05}
 extra=("${@:4}")
@@ -18,9 +18,9 @@ groups=$(vitedit examples --json | "$root/.venv/bin/python" -c "import json,sys;
 first=1
 for g in $groups; do
   cp -r "$root/vitedit/assets/fashion/failures/$g" "failures-$g"
-  if [ $first = 1 ]; then on=""; first=0; else on="--on-top"; fi
-  vitedit locate "failures-$g" -w ws --edit-images 10 $on -q > /dev/null
-  vitedit apply -w ws --objective "$objective" --sparsity "$sparsity" $on ${extra[@]+"${extra[@]}"} --json > "apply-$g.json"
+  if [ $first = 1 ]; then on=(); first=0; else on=(--on-top ${extra[@]+"${extra[@]}"}); fi
+  vitedit locate "failures-$g" -w ws --edit-images 10 ${on[@]+"${on[0]}"} -q > /dev/null
+  vitedit apply -w ws --objective "$objective" --sparsity "$sparsity" ${on[@]+"${on[@]}"} --json > "apply-$g.json"
   "$root/.venv/bin/python" -c "import json; r=json.load(open('apply-$g.json')); c=r['cumulative']; print('$g', 'edit', r['history_index'], 'gen', round(r['generalization'],3), 'stack drop', c.get('accuracy_drop'), 'flips', c.get('flip_rate'), 'retained', [i['retained'] for i in r['interference']])"
 done
 vitedit history -w ws
