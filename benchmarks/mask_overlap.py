@@ -1,90 +1,66 @@
-"""How much do the locators agree, and do masks of one failure group overlap more than across groups?
+"""How many units the bundled groups' hypernetwork masks share on the base model.
 
-For every bundled failure group of the default model, the first ``--images`` failures are scored
-per image by the hypernetwork (``--hypernet``, default: the shipped one), the gradient locator and
-the bilevel oracle (``vitedit.locate``). Each image's mask is its top ``--sparsity`` units. Printed:
+Each group's mask is chosen as `vitedit benchmark --sequential` chooses it for a single edit (the same
+seeded 10 edit images, the hypernetwork's scores averaged over them, global top-k at the sparsity).
+Prints, per pair of groups, the units both masks hold: what a later edit overwrites of an earlier one
+when the masks are not kept disjoint (`--disjoint`).
 
-- for each pair of locators, the mean Jaccard overlap of the two masks of the same image;
-- for each locator, the mean overlap of two images' masks from the same group and from different
-  groups (the paper reports more overlap within a group for learned masks);
-- the overlap two random masks of that size would have on average, k / (2n - k), for scale.
-
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mask_overlap.py
-    .venv/bin/python benchmarks/mask_overlap.py --hypernet build/hypernet-D/hypernet.safetensors --json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mask_overlap.py [--sparsity 0.05] [--edit-images 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 
-def top_sets(scores: dict, sites, k: int) -> list[frozenset]:
-    """Per image: the set of global unit indices of its top-k scores."""
-    import torch
-
-    flat = torch.cat([scores[s.param] for s in sites], dim=1)  # (N, units)
-    return [frozenset(row.topk(k).indices.tolist()) for row in flat]
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    return len(a & b) / len(a | b)
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=12, help="failures per group")
-    p.add_argument("--sparsity", type=float, default=0.05)
-    p.add_argument("--hypernet", type=Path, default=None)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparsity", type=float, default=0.05)
+    ap.add_argument("--edit-images", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
 
     import torch
 
     from vitedit.data import load_tensors, scan_labeled
     from vitedit.demo import examples
     from vitedit.hypernet import load_hypernet
-    from vitedit.locate import LocateInputs, bilevel_locator, gradient_locator, hypernet_locator
-    from vitedit.masks import units_for
-    from vitedit.models import load_model
+    from vitedit.masks import UnitScores
+    from vitedit.models import forward_prefix, load_model, make_suffix
     from vitedit.pipeline import default_hypernet_for
+    from vitedit.sequential import _seed
 
-    loaded = load_model(None)
-    sites = tuple(loaded.sites())
-    net, _ = load_hypernet(args.hypernet or default_hypernet_for(loaded), loaded.identity, sites)
-    n_units = sum(s.units for s in sites)
-    k = units_for(args.sparsity, n_units)
-    locators = {"hypernet": hypernet_locator, "gradient": gradient_locator, "bilevel": bilevel_locator}
-    masks: dict[str, list[tuple[str, frozenset]]] = {name: [] for name in locators}
+    base = load_model(None)
+    sites = tuple(base.sites())
+    start = min(s.block for s in sites)
+    hypernet, _ = load_hypernet(default_hypernet_for(base), base.identity, sites)
+    masks: dict[str, set] = {}
     for g in examples():
-        refs = scan_labeled(Path(g["path"]), loaded.labels)[: args.images]
-        x, good, _ = load_tensors(refs, loaded.transform, loaded.channels)
-        y = torch.tensor([r.label for r in good])
-        for name, fn in locators.items():
-            scores = fn(LocateInputs(loaded.model, sites, x, y, seed=0, hypernet=net))
-            masks[name] += [(g["group"], m) for m in top_sets(scores, sites, k)]
-
-    same_image = {f"{a} vs {b}": sum(jaccard(ma, mb) for (_, ma), (_, mb) in zip(masks[a], masks[b])) / len(masks[a])
-                  for a, b in itertools.combinations(locators, 2)}
-    groups = {}
-    for name, ms in masks.items():
-        within, across = [], []
-        for (ga, a), (gb, b) in itertools.combinations(ms, 2):
-            (within if ga == gb else across).append(jaccard(a, b))
-        groups[name] = {"within_group": sum(within) / len(within), "across_groups": sum(across) / len(across)}
-    result = {"sparsity": args.sparsity, "units": k, "of": n_units, "images": len(masks["hypernet"]),
-              "random_expectation": k / (2 * n_units - k), "same_image": same_image, "groups": groups}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"masks of {k} of {n_units} units (sparsity {args.sparsity}) on {result['images']} failures; "
-          f"two random masks overlap {result['random_expectation']:.3f} on average (Jaccard)")
-    for pair, v in same_image.items():
-        print(f"same image, {pair}: {v:.3f}")
-    for name, v in groups.items():
-        print(f"{name}: two images of the same group {v['within_group']:.3f}, of different groups {v['across_groups']:.3f}")
+        x, good, _ = load_tensors(scan_labeled(Path(g["path"]), base.labels), base.transform, base.channels)
+        if len(good) <= args.edit_images:
+            continue
+        perm = torch.randperm(len(good), generator=torch.Generator().manual_seed(_seed(args.seed, g["group"])))
+        rows = perm[:args.edit_images].sort().values
+        with torch.no_grad():
+            feats = make_suffix(base.model, start)(forward_prefix(base.model, x[rows], start), pre_logits=True)
+            scores = hypernet(feats)
+        mask = UnitScores(sites, {s.param: v.mean(0) for s, v in zip(sites, scores)}, "hypernet").select(args.sparsity)
+        masks[g["group"]] = {(p, int(i)) for p, ix in mask.indices.items() for i in ix}
+    k = len(next(iter(masks.values())))
+    total = sum(s.units for s in sites)
+    print(f"sparsity {args.sparsity:g}: {k} of {total} units per mask, {len(masks)} groups")
+    print("| group | group | shared units | share of a mask |")
+    print("|---|---|---|---|")
+    shares = []
+    for a, b in itertools.combinations(sorted(masks), 2):
+        n = len(masks[a] & masks[b])
+        shares.append(n / k)
+        print(f"| {a} | {b} | {n} | {n / k:.0%} |")
+    union = set().union(*masks.values())
+    print(f"mean share {sum(shares) / len(shares):.0%}; the union of all masks holds {len(union)} units "
+          f"({len(union) / total:.1%} of all)")
 
 
 if __name__ == "__main__":
