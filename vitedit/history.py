@@ -168,4 +168,5 @@ class History:
             shared = overlapping(stack[pos], later)
             if shared:
                 raise UsageError(f"edit {index} cannot be reverted alone: edit {later_index} (made on top of it) changed "
-                                 f"some of the same units ({shared[0]}); revert edit {later_index} first")
+                                 f"some of the same units ({shared[0]}); revert edit {later_index} first (edits made with "
+                                 "`apply --on-top --disjoint` share no unit)")
