@@ -41,6 +41,15 @@ HISTORY = "history.json"
 PATCHES = "patches"
 
 
+def units_changed(patches: Sequence[Patch]) -> dict[str, "torch.Tensor"]:
+    """Per parameter, the sorted union of the units ``patches`` edit."""
+    import torch
+
+    params = dict.fromkeys(param for p in patches for param in p.indices)
+    return {param: torch.unique(torch.cat([p.indices[param] for p in patches if param in p.indices])).sort().values
+            for param in params}
+
+
 def combine(patches: Sequence[Patch], base: "nn.Module") -> Patch:
     """One patch equal to applying ``patches`` in order to ``base`` (which is not changed).
 
@@ -66,10 +75,9 @@ def combine(patches: Sequence[Patch], base: "nn.Module") -> Patch:
                 raise ArtifactError(f"edit {n} of the history does not apply to the state before it ({s.param}); the "
                                     "history is damaged: revert it or start again with `vitedit locate`")
             w.index_copy_(s.dim, idx, p.new[s.param].to(w.device, w.dtype))
-    indices, old, new = {}, {}, {}
+    indices, old, new = units_changed(patches), {}, {}
     for param, s in sites.items():
-        idx = torch.unique(torch.cat([p.indices[param] for p in patches if param in p.indices])).sort().values
-        indices[param] = idx
+        idx = indices[param]
         old[param] = base_w[param].index_select(s.dim, idx.to(base_w[param].device)).cpu()
         new[param] = weights[param].index_select(s.dim, idx.to(weights[param].device)).cpu()
     ordered = tuple(sorted(sites.values()))

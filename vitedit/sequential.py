@@ -86,6 +86,7 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     from .models import load_model
     from .pipeline import (check_disjoint, default_check_dir, default_hypernet_for, default_locality_dir,
                            default_preserve_dir, resolve_edit_config)
+    from .history import units_changed
     from .preserve import build_anchor_set, build_preserve_set
 
     t0 = time.time()
@@ -214,7 +215,7 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
             order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(_seed(cfg.seed, "order", o))).tolist()
             model = copy.deepcopy(base.model)
             edited: list[dict] = []
-            changed: dict[str, torch.Tensor] = {}   # units the stack's edits changed so far (cfg.disjoint)
+            stack: list = []   # the patches so far: their units are barred with cfg.disjoint
             for step, gi in enumerate(order, start=1):
                 g = groups[gi]
                 # hypernet scores and the edit see the current (stacked) model, as `apply --on-top`
@@ -229,12 +230,12 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                                            views=configs[editor].anchor_views,
                                            seed=_seed(cfg.seed, g["group"], "anchors", o)) \
                     if configs[editor].anchor_weight > 0 and edited else None
+                changed = units_changed(stack)
                 res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
                               _seed(cfg.seed, g["group"], "sequential", o), kept, anchors,
                               changed if cfg.disjoint else None)
                 shared = sum(int(torch.isin(ix, changed[p]).sum()) for p, ix in res.patch.indices.items() if p in changed)
-                for p, ix in res.patch.indices.items():
-                    changed[p] = torch.cat([changed.get(p, ix[:0]), ix])
+                stack.append(res.patch)
                 edited.append(g)
                 weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
                 m = measure(weights)

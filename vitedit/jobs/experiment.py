@@ -103,6 +103,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
 
     from ..data import load_tensors as load_images, scan_labeled, scan_unlabeled
     from ..evaluate import EvalSets, TokenCache
+    from ..history import History, units_changed
 
     holdout, generalization, locality, seed = opts.holdout, opts.generalization, opts.locality, opts.seed
     skip_bad = opts.skip_bad_images
@@ -113,7 +114,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     base_weights = {s.param: loaded.model.get_parameter(s.param).detach().clone() for s in sites} \
         if opts.on_top else None
     stacked = _stack(ws, state, loaded, opts.on_top)
-    exclude = _changed_units(ws, loaded) if opts.disjoint and stacked else None
+    exclude = units_changed(History(ws).patches(loaded.identity)) if opts.disjoint and stacked else None
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
     failures = _failure_refs(ws, state)
@@ -259,19 +260,6 @@ def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Seq
         parts.append(f"{skipped_measured} are among this edit's generalization images")
     note = (f"{'; '.join(parts)}; those are not held by --anchor-weight") if parts else None
     return anchors, note
-
-
-def _changed_units(ws: Workspace, loaded: LoadedModel) -> dict:
-    """param -> every unit index an edit of the workspace's history changed (for --disjoint)."""
-    import torch
-
-    from ..history import History
-
-    out: dict = {}
-    for patch in History(ws).patches(loaded.identity):
-        for p, ix in patch.indices.items():
-            out[p] = torch.unique(torch.cat([out[p], ix])) if p in out else ix.clone()
-    return out
 
 
 def _stack(ws: Workspace, state: dict, loaded: LoadedModel, on_top: bool) -> int:
