@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def preprocess_from_metadata(meta: dict):
     """PIL image -> (C, H, W) float32 array, as timm's eval transform: resize the shorter side to
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     import onnx
     from PIL import Image
 
+    from vitedit.artifacts import portable_path
     from vitedit.data import scan_labeled
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     images = [prep(Image.open(r.path)) for r in refs]
     y = np.array([r.label for r in refs])
     pred = predict(args.model, images)
-    res = {"model": str(args.model), "images": len(y), "folder": str(args.images), "accuracy": float((pred == y).mean())}
+    # Paths as the repository names them: this output is committed (docs/benchmark-results/sequential/).
+    model_name, folder = (portable_path(a, root=REPO) for a in (args.model, args.images))
+    res = {"model": model_name, "images": len(y), "folder": folder, "accuracy": float((pred == y).mean())}
     if args.base:
         base = predict(args.base, images)
         res.update(base_accuracy=float((base == y).mean()),
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        line = f"{args.model}: accuracy {res['accuracy']:.4f} on {len(y)} images of {args.images}"
+        line = f"{model_name}: accuracy {res['accuracy']:.4f} on {len(y)} images of {folder}"
         if args.base:
             line += (f"; base {res['base_accuracy']:.4f}, drop {res['accuracy_drop']:.2f} points, "
                      f"flip rate {100 * res['flip_rate']:.2f}%")

@@ -56,6 +56,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def portable_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``path`` as a result file should record it: an absolute path inside ``root`` (default: the
+    working directory) made relative to it, anything else as given. Committed outputs then name
+    ``build/fashion/test-images``, not the folder of the machine that made them."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    base = Path(root) if root is not None else Path.cwd()
+    for inner, outer in ((p, base), (p.resolve(), base.resolve())):
+        try:
+            return inner.relative_to(outer).as_posix()
+        except ValueError:
+            pass
+    return str(p)
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     path = Path(path)
     try:

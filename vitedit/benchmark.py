@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .artifacts import atomic_path, sha256_file, write_json
+from .artifacts import atomic_path, portable_path, sha256_file, write_json
 from .errors import UsageError
 
 SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
@@ -147,7 +147,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
         hypernet, _ = load_hypernet(Path(path), loaded.identity, sites)
         # Which one was measured, by content; the shipped one by name, not by this machine's install path.
-        hypernet_id = {"path": str(cfg.hypernet) if cfg.hypernet else "shipped", "sha256": sha256_file(path)}
+        hypernet_id = {"path": portable_path(cfg.hypernet) if cfg.hypernet else "shipped", "sha256": sha256_file(path)}
 
     def load_set(refs, what):
         x, good, _ = load_tensors(refs, loaded.transform, loaded.channels, progress=lambda d, t: progress(what, d, t))
@@ -268,10 +268,10 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         "hypernet": hypernet_id, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
         "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
         "sensitive_images": len(sens), "test_images": len(test_y), "base_test_accuracy": base_test_acc,
-        "check": "bundled test sample" if cfg.check is None else str(cfg.check),
+        "check": "bundled test sample" if cfg.check is None else portable_path(cfg.check),
         "preserve_images": len(preserve) if preserve is not None else 0,
         "local_edit_config": local_cfg.to_json() if preserve is not None else None,
-        "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+        "config": {k: (list(v) if isinstance(v, tuple) else portable_path(v) if isinstance(v, Path) else v)
                    for k, v in asdict(cfg).items()},
         "wall_seconds": round(time.time() - t_start, 1),
         "summary": summary,
@@ -288,7 +288,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
         # Overall rows average over the groups run: comparable only when the group sets match.
         same_groups = sorted(published.get("groups") or []) == sorted(groups)
         rows = summary if same_groups else [r for r in summary if r["group"] != "all"]
-        result["comparison"] = {"published": str(cfg.compare_to), "config_differences": differs,
+        result["comparison"] = {"published": portable_path(cfg.compare_to), "config_differences": differs,
                                 "overall_rows_compared": same_groups, **compare(rows, published["summary"]),
                                 **identical_edits(rows_out, published.get("edits") or [])}
     out = Path(cfg.out)

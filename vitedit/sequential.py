@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import atomic_path, write_json
+from .artifacts import atomic_path, portable_path, write_json
 from .errors import UsageError
 
 EDITORS = ("plain", "local")
@@ -270,8 +270,8 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
     result = {"model": base.name, "groups": [g["group"] for g in groups], "edit_images": cfg.edit_images,
               "held_out": {g["group"]: len(g["y_hold"]) for g in groups},
               "orders": cfg.orders, "sparsity": cfg.sparsity, "base_check_accuracy": base_check,
-              "check_images": len(cy), "check": "bundled test sample" if cfg.check is None else str(cfg.check),
-              "config": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+              "check_images": len(cy), "check": "bundled test sample" if cfg.check is None else portable_path(cfg.check),
+              "config": {k: (list(v) if isinstance(v, tuple) else portable_path(v) if isinstance(v, Path) else v)
                          for k, v in asdict(cfg).items()},
               "edit_configs": {k: v.to_json() for k, v in configs.items()},
               "singles": {e: {g: {k: v for k, v in d.items() if k != "fixed"} for g, d in s.items()}
