@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-from vitedit.errors import ModelError, VerificationError  # noqa: E402
-from vitedit.zoo import dinov2  # noqa: E402
+from vitedit.errors import ModelError, VerificationError
+from vitedit.zoo import dinov2
 
 # A tiny timm DINOv2-style ViT: patch 14 on 28 px (a 2x2 grid), width 32, 2 heads, 2 blocks.
 TINY = dict(img_size=28, embed_dim=32, depth=2, num_heads=2, num_classes=3)
