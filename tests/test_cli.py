@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_json_mode_prints_only_one_json_object(job, name):
     obj, end = json.JSONDecoder().raw_decode(out)
     assert isinstance(obj, dict)
     assert out[end:].strip() == ""
-    assert err == ""  # no progress bars or notes with --json
+    # stderr holds no table or JSON: at most notes (no progress here: each step ends before 30 s)
+    assert all(line.startswith("note:") for line in err.splitlines() if line.strip()), err
 
 
 def test_locate_result(job, tiny_weights):
@@ -476,6 +478,25 @@ def test_progress_in_a_log_reports_long_tasks_by_tenths_and_quick_ones_not_at_al
     assert not any(line.startswith("quick") for line in lines)
     assert lines[0] == "slow: 30/100 (30s, about 70s left)" and lines[-1] == "slow: 100/100 (100s)"
     assert len(lines) == 8  # tenths 3..10, once each
+
+
+def test_json_keeps_progress_on_stderr_and_only_quiet_silences_it(tmp_path, tiny_weights, labels_file,
+                                                                  monkeypatch):
+    import vitedit.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "LOG_PROGRESS_AFTER", 0.0)  # every task counts as long: it reports its tenths
+    monkeypatch.chdir(tmp_path)
+    failures = write_images(tmp_path / "failures", {"cat": 3, "dog": 3, "ship": 3}, seed=5)
+    args = ["locate", failures, *model_args(tiny_weights, labels_file)]
+    code, out, err = cli(*args, "-w", tmp_path / "a", "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"] == "test_vit"
+    progress = [line for line in err.splitlines() if re.match(r"[^:]+: \d+/\d+ \(", line)]
+    assert progress, err
+    code, out, err = cli(*args, "-w", tmp_path / "b", "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["model"] == "test_vit"
+    assert not [line for line in err.splitlines() if re.match(r"[^:]+: \d+/\d+ \(", line)], err
 
 
 # ----------------------------------------------------------------------------- the fast console script

@@ -2,9 +2,10 @@
 
 Each command parses options, builds a frozen config, calls one library function and renders the
 dict it returns: rich tables on stdout by default, or with ``--json`` one JSON object on stdout and
-nothing else there. Progress bars go to stderr and are hidden with ``--quiet``, ``--json`` or when
-stderr is not a terminal. ``main`` is the one error boundary: a ``VitEditError`` becomes one red
-line and its documented exit code (docs/cli.md); set ``VITEDIT_DEBUG=1`` for the traceback.
+nothing else there. Progress and notes go to stderr either way (a bar on a terminal, plain lines for
+long tasks in a log); only ``--quiet`` silences progress. ``main`` is the one error boundary: a
+``VitEditError`` becomes one red line and its documented exit code (docs/cli.md); set
+``VITEDIT_DEBUG=1`` for the traceback.
 
 Heavy imports (torch, timm, onnx) happen inside the commands, so ``vitedit --help`` is instant.
 """
@@ -61,8 +62,9 @@ class UI:
     @contextmanager
     def progress(self) -> Iterator:
         """Yield a ``progress(description, done, total)`` callback: a rich progress bar on a terminal;
-        otherwise (a log file, a pipe) plain lines for the tasks that run long (``_log_progress``)."""
-        if self.as_json or self.quiet:
+        otherwise (a log file, a pipe) plain lines for the tasks that run long (``_log_progress``).
+        ``--json`` changes stdout only; ``--quiet`` alone silences this."""
+        if self.quiet:
             yield lambda *_args, **_kw: None
             return
         if not self.err.is_terminal:
@@ -82,9 +84,10 @@ class UI:
 
             yield update
 
-    def _log_progress(self, after: float = LOG_PROGRESS_AFTER) -> Callable[..., None]:
+    def _log_progress(self, after: float | None = None) -> Callable[..., None]:
         """Plain progress lines for a log: a task that has run for ``after`` seconds reports at every
         tenth of its total. Quick steps (and quick failures, whose stderr is one error line) print nothing."""
+        after = LOG_PROGRESS_AFTER if after is None else after
         started: dict[str, float] = {}
         shown: dict[str, int] = {}
         last: dict[str, int] = {}
@@ -106,8 +109,7 @@ class UI:
         return update
 
     def note(self, text: str) -> None:
-        if not self.as_json:
-            self.err.print(f"[yellow]note:[/] {text}", highlight=False)
+        self.err.print(f"[yellow]note:[/] {text}", highlight=False)
 
     def emit_json(self, obj: dict) -> None:
         sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
