@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputDataError, UsageError
-from .models import LoadedModel, Site, forward_prefix, make_suffix
+from .models import LoadedModel, Site, forward_prefix, make_suffix, patch_grid, replace_site_layer
 
 if TYPE_CHECKING:
     import torch
@@ -129,10 +129,7 @@ class BatchedEditor:
         self.model = copy.deepcopy(model)
         self.layers = {}
         for s in self.sites:
-            mlp = self.model.blocks[s.block].mlp
-            psl = _make_per_sample_linear(getattr(mlp, s.matrix))
-            setattr(mlp, s.matrix, psl)
-            self.layers[s.param] = psl
+            self.layers[s.param] = replace_site_layer(self.model, s, _make_per_sample_linear)
         self.base = {s.param: model.get_parameter(s.param).detach() for s in self.sites}
         self.suffix = make_suffix(self.model, self.start)
 
@@ -244,14 +241,6 @@ def label_masks_loop(editor: BatchedEditor, tokens, target, z_init, cfg: MetaTra
 
 
 # ----------------------------------------------------------------------------- CutMix
-
-
-def patch_grid(model: "nn.Module") -> tuple[tuple[int, int], tuple[int, int]]:
-    """((grid_h, grid_w), (patch_h, patch_w)) read from the model's patch embedding."""
-    pe = model.patch_embed
-    grid = tuple(int(g) for g in pe.grid_size)
-    patch = tuple(int(p) for p in pe.patch_size)
-    return grid, patch
 
 
 def draw_boxes(b: int, grid, box_min: float, box_max: float, gen: "torch.Generator") -> list[tuple[int, int, int, int]]:

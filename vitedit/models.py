@@ -520,3 +520,23 @@ def _load_timm(name: str, labels_file: Path | None, offline: bool | None) -> Loa
             else:
                 os.environ["HF_HUB_OFFLINE"] = previous
     return LoadedModel(model, name, _labels_for(model, labels_file), resolve_model_data_config(model), "timm")
+
+# ----------------------------------------------------------------------------- timm layout
+# Other modules reach timm's attribute names (blocks, mlp, patch_embed) only through these.
+
+
+def replace_site_layer(model: "nn.Module", site: Site, make: Callable[["nn.Module"], "nn.Module"]) -> "nn.Module":
+    """Put ``make(layer)`` in place of ``site``'s linear layer (``blocks[i].mlp.fc1`` or ``.fc2``) and
+    return it."""
+    mlp = model.blocks[site.block].mlp
+    new = make(getattr(mlp, site.matrix))
+    setattr(mlp, site.matrix, new)
+    return new
+
+
+def patch_grid(model: "nn.Module") -> tuple[tuple[int, int], tuple[int, int]]:
+    """((grid_h, grid_w), (patch_h, patch_w)) read from the model's patch embedding."""
+    pe = model.patch_embed
+    grid = tuple(int(g) for g in pe.grid_size)
+    patch = tuple(int(p) for p in pe.patch_size)
+    return grid, patch
