@@ -84,6 +84,7 @@ def small_run(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow
 def test_small_benchmark_writes_consistent_outputs(small_run):
     out, res = small_run
     assert {p.name for p in out.iterdir()} >= {"results.json", "edits.csv", "summary.csv", "tradeoff.png"}
@@ -103,6 +104,7 @@ def test_small_benchmark_writes_consistent_outputs(small_run):
     assert all(units[(e, 0.1)] > units[(e, 0.02)] for e in (0, 1))
 
 
+@pytest.mark.slow
 def test_rerun_with_the_same_seed_reproduces_the_published_table(small_run, tmp_path):
     out, first = small_run
     res = run_benchmark(BenchmarkConfig(out=tmp_path / "rerun", compare_to=out / "results.json", **SMALL),
@@ -114,6 +116,7 @@ def test_rerun_with_the_same_seed_reproduces_the_published_table(small_run, tmp_
     assert [r["generalization"] for r in res["summary"]] == [r["generalization"] for r in first["summary"]]
 
 
+@pytest.mark.slow
 def test_results_name_the_measured_hypernetwork_and_a_rerun_with_another_one_says_so(small_run, tmp_path):
     from vitedit.artifacts import sha256_file
     from vitedit.models import DEFAULT_ASSETS
@@ -132,6 +135,7 @@ def test_results_name_the_measured_hypernetwork_and_a_rerun_with_another_one_say
     assert "hypernet (sha256)" in res["comparison"]["config_differences"]
 
 
+@pytest.mark.slow
 def test_locality_folder_replaces_the_bundled_sensitive_set(tmp_path):
     import shutil
 
@@ -153,6 +157,7 @@ def test_locality_folder_replaces_the_bundled_sensitive_set(tmp_path):
         run_benchmark(BenchmarkConfig(**tiny, out=tmp_path / "o2", locality=tmp_path / "empty"), lambda *a: None)
 
 
+@pytest.mark.slow
 def test_compare_refuses_bad_or_clobbered_files(small_run, tmp_path):
     out, _ = small_run
     with pytest.raises(UsageError, match="overwrite"):
@@ -165,6 +170,7 @@ def test_compare_refuses_bad_or_clobbered_files(small_run, tmp_path):
         run_benchmark(BenchmarkConfig(out=tmp_path / "o", compare_to=bad, **SMALL), lambda *a: None)
 
 
+@pytest.mark.slow
 def test_subset_run_reproduces_the_matching_rows_of_a_larger_run(small_run, tmp_path):
     _, first = small_run
     sub = run_benchmark(BenchmarkConfig(**{**SMALL, "methods": ("random",), "sparsities": (0.1,),
@@ -175,6 +181,7 @@ def test_subset_run_reproduces_the_matching_rows_of_a_larger_run(small_run, tmp_
         assert r == full[tuple(r[k] for k in key)]
 
 
+@pytest.mark.slow
 def test_compare_skips_overall_rows_when_the_groups_differ(small_run, tmp_path):
     out, _ = small_run
     res = run_benchmark(BenchmarkConfig(**{**SMALL, "groups": ("coat",), "methods": ("random",), "sparsities": (0.1,),
@@ -185,6 +192,7 @@ def test_compare_skips_overall_rows_when_the_groups_differ(small_run, tmp_path):
     assert c["rows_matched"] == 0 and c["values_checked"] == 0 and c["edits_matched"] == 0
 
 
+@pytest.mark.slow
 def test_bilevel_oracle_runs_only_when_named_and_gets_its_own_matched_locality_rows(tmp_path):
     assert "bilevel" not in BenchmarkConfig().methods  # the default run stays the published one
     res = run_benchmark(BenchmarkConfig(**{**SMALL, "groups": ("coat",), "methods": ("bilevel", "random"),
@@ -197,6 +205,7 @@ def test_bilevel_oracle_runs_only_when_named_and_gets_its_own_matched_locality_r
         BenchmarkConfig(methods=("oracle",))
 
 
+@pytest.mark.slow
 def test_group_gradient_upper_bound_runs_only_when_named(tmp_path):
     res = run_benchmark(BenchmarkConfig(**{**SMALL, "groups": ("coat",), "methods": ("group-gradient",),
                                            "sparsities": (0.05,), "edit_images": (1, 3), "out": tmp_path}),

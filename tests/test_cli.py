@@ -377,6 +377,7 @@ def test_a_new_locate_discards_the_previous_edit(job, tmp_path, tiny_weights, la
     assert json.loads((ws / "workspace.json").read_text())["locator"] == "random"
 
 
+@pytest.mark.slow
 def test_max_steps_alone_keeps_the_models_recommended_lr(tmp_path, monkeypatch):
     from vitedit.models import DEFAULT_ASSETS
 

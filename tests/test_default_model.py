@@ -90,6 +90,7 @@ def test_export_base_default_has_preprocessing_metadata(tmp_path, monkeypatch):
     assert meta["vitedit.edited"] == "false"
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     """`vitedit demo --json`: the whole job on the smallest bundled group, with a real edit and export."""
     from vitedit.cli import main

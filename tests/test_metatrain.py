@@ -225,6 +225,7 @@ def test_meta_train_with_shifted_pseudo_failures_records_the_kind(tmp_path, tiny
     assert meta["meta_train_config"]["generalization_weight"] == 1.0
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_gives_identical_hypernetworks(tmp_path, tiny_weights, locality_dir):
     """torchrun --nproc-per-node 2 (gloo on CPU): both ranks must end with the same weights."""
     from safetensors.torch import load_file

@@ -55,6 +55,7 @@ def small_run(tmp_path_factory):
     return run_sequential(cfg, lambda *a: None), out
 
 
+@pytest.mark.slow
 def test_disjoint_stack_never_edits_a_unit_twice(tmp_path):
     """--disjoint: the second edit's units are all units the first edit did not change (and as many
     as the sparsity asks); the row records how many units it shared with the earlier edits (none)."""
@@ -67,6 +68,7 @@ def test_disjoint_stack_never_edits_a_unit_twice(tmp_path):
     assert res["config"]["disjoint"] is True
 
 
+@pytest.mark.slow
 def test_small_sequential_run_keeps_the_protocol(small_run):
     res, out = small_run
     assert set(res["groups"]) == {"bag", "ankle-boot"}
@@ -104,6 +106,7 @@ def test_small_sequential_run_keeps_the_protocol(small_run):
     assert final["batch"]["mean_retained"] == pytest.approx(batch[0]["mean_retained"])
 
 
+@pytest.mark.slow
 def test_each_group_is_scored_on_its_own_held_out_failures(small_run):
     """A group's held-out set is its own failure folder minus its edit images, and every
     generalization figure is a share of exactly that many images."""
