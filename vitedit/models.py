@@ -140,6 +140,11 @@ def forward_prefix(model: "nn.Module", x: "torch.Tensor", start: int) -> "torch.
     return captured[0]
 
 
+def site_layer(model: "nn.Module", site: Site) -> "nn.Module":
+    """The linear layer of ``site`` (``blocks[i].mlp.fc1`` or ``.fc2``): hooks on it see its inputs."""
+    return getattr(model.blocks[site.block].mlp, site.matrix)
+
+
 def make_suffix(model: "nn.Module", start: int) -> "nn.Module":
     """A module running ``blocks[start:]``, the final norm and the head.
 
@@ -520,6 +525,7 @@ def _load_timm(name: str, labels_file: Path | None, offline: bool | None) -> Loa
             else:
                 os.environ["HF_HUB_OFFLINE"] = previous
     return LoadedModel(model, name, _labels_for(model, labels_file), resolve_model_data_config(model), "timm")
+
 
 # ----------------------------------------------------------------------------- timm layout
 # Other modules reach timm's attribute names (blocks, mlp, patch_embed) only through these.

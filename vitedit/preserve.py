@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from .errors import UsageError
-from .models import Site, forward_prefix, make_suffix
+from .models import Site, forward_prefix, make_suffix, site_layer
 
 if TYPE_CHECKING:
     import torch
@@ -159,8 +159,7 @@ def input_second_moments(model: "nn.Module", sites: Sequence[Site], tokens: "tor
         return hook
 
     for s in sites:
-        layer = getattr(model.blocks[s.block].mlp, s.matrix)
-        handles.append(layer.register_forward_pre_hook(hook_for(s.param)))
+        handles.append(site_layer(model, s).register_forward_pre_hook(hook_for(s.param)))
     try:
         with torch.inference_mode():
             for t in tokens.split(batch_size):
