@@ -42,6 +42,18 @@ ATTEMPTS = {
     "KL 3 + augment + nearest 100": (dict(preserve_weight=3, preserve_batch=32, augment=1, preserve_nearest=100,
                                           max_steps=200), 0.05),
 }
+# the statistics penalty (vitedit.stats): weight x augment x stopping rule
+for _w in (3, 10, 30, 100, 300, 1000, 3000):
+    for _aug in (0, 1):
+        for _stop in (None, 0.5):
+            ATTEMPTS[f"stats {_w}" + (" + augment" if _aug else "") + (f" + margin stop {_stop}" if _stop else "")] = (
+                dict(stats_weight=_w, augment=_aug, max_steps=200, stop_margin=_stop), 0.05)
+# the Kronecker-factored KL penalty (input moments x output-gradient moments): weight x augment
+for _kind in ("fisher", "logits"):
+    for _w in (0.1, 1, 10, 100, 1000, 10000):
+        for _aug in (0, 1):
+            ATTEMPTS[f"{_kind} {_w}" + (" + augment" if _aug else "")] = (
+                dict(stats_weight=_w, augment=_aug, max_steps=200), 0.05)
 
 
 def main(argv=None) -> None:
@@ -56,12 +68,14 @@ def main(argv=None) -> None:
     from vitedit.models import DEFAULT_ASSETS, load_model
     from vitedit.pipeline import resolve_edit_config, split_rows
     from vitedit.preserve import build_preserve_set
+    from vitedit.stats import compute_stats
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=Path, required=True, help="labeled in-distribution test images")
     ap.add_argument("--group", default="shirt")
     ap.add_argument("--only", help="comma-separated attempt names")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--mask", choices=("hypernet", "gradient"), default="hypernet", help="which locator's mask")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(None)
@@ -81,11 +95,28 @@ def main(argv=None) -> None:
     hold = TokenCache(model, start, fx[hold_rows])
     prx, _ = load(scan_labeled(DEFAULT_ASSETS / "preserve", loaded.labels))
     preserve = build_preserve_set(model, sites, prx)
+    t = time.time()
+    stats = compute_stats(model, sites, prx.split(256), model_identity=loaded.identity, preserve_sha256="bundled",
+                          fisher=False)
+    print(f"preserve statistics: {stats.images} images, {stats.tokens} tokens, {time.time() - t:.1f}s", flush=True)
+    t = time.time()
+    by_kind = {"stats": stats}
+    for kind in ("fisher", "logits"):
+        if any(n.startswith(kind) for n in (args.only or kind).split(",")):
+            t = time.time()
+            by_kind[kind] = compute_stats(model, sites, prx.split(256), model_identity=loaded.identity,
+                                          preserve_sha256="bundled", probe=kind)
+            print(f"preserve statistics with {kind} gradients: {time.time() - t:.1f}s", flush=True)
     hypernet, _ = load_hypernet(DEFAULT_ASSETS / "hypernet.safetensors", loaded.identity, sites)
     edit_set = TokenCache(model, start, fx[edit_rows])
     with torch.no_grad():
         scores = hypernet(edit_set.suffix(edit_set.tokens, pre_logits=True))
     hyp = UnitScores(sites, {s.param: v.mean(0) for s, v in zip(sites, scores)}, "hypernet")
+    if args.mask == "gradient":
+        from vitedit.locate import aggregate, score_batches
+
+        hyp = aggregate(score_batches("gradient", model, sites, [(fx[edit_rows], fy[edit_rows])]), sites, None,
+                        "gradient")
     plain_lr = resolve_edit_config(loaded, {}, "plain").lr
     print(f"{loaded.name}, group {args.group}: {len(edit_rows)} edit images, {len(hold_rows)} held out; "
           f"pool {len(py)} images, base accuracy {base_acc:.4f}; preserve set {len(preserve)} images", flush=True)
@@ -97,7 +128,7 @@ def main(argv=None) -> None:
         mask = hyp.select(sparsity)
         t = time.time()
         res = edit(model, mask, fx[edit_rows], fy[edit_rows], cfg, tokens=edit_set.tokens,
-                   preserve=preserve if cfg.uses_preserve else None)
+                   preserve=preserve if cfg.uses_preserve else None, stats=by_kind[name.split()[0]] if cfg.uses_stats else None)
         seconds = time.time() - t
         w = res.patch.weights(model)
         pred = pool.predict(w)

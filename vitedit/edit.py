@@ -30,9 +30,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .preserve import AnchorSet, PreserveSet
+    from .stats import PreserveStats
 
 
-OBJECTIVES = ("plain", "local")
+OBJECTIVES = ("plain", "local", "stats")
 # kl: KL(base || edited) on the preserve minibatch; margin: a hinge that only keeps each preserve
 # image's base top-1 ahead by its base log-probability margin (capped at MARGIN_CAP nats), so the
 # edit may change confidences freely as long as no prediction moves toward a flip.
@@ -66,6 +67,12 @@ class EditConfig:
     - ``anchor_views``: also hold this many shifted / mirrored views of each anchor image, drawn
       once (seeded) when the anchor set is built (``preserve.build_anchor_set``), so a new edit
       keeps the earlier edits' predictions around their images, not only on them.
+    - ``stats_weight``: add ``stats_weight * sum over sites of tr(dW C dW^T) / tr(W C W^T)``, with
+      ``C`` the second moment of the site's inputs over the preserve set (``stats.PreserveStats``,
+      computed once): the mean squared change of each edited layer's output on preserve tokens,
+      relative to its mean squared output. A step costs what the paper's editor's step costs. On top
+      of a stack, the earlier edits' images' moments (``anchor_moments``) join ``C`` with weight
+      ``anchor_weight`` instead of the KL anchor term.
     """
 
     lr: float = 2e-5
@@ -81,6 +88,7 @@ class EditConfig:
     preserve_loss: str = "kl"
     anchor_weight: float = 0.0
     anchor_views: int = 0
+    stats_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -102,6 +110,8 @@ class EditConfig:
             raise UsageError(f"--preserve-loss {self.preserve_loss!r}: choose {' or '.join(PRESERVE_LOSSES)}")
         if not self.anchor_weight >= 0:
             raise UsageError(f"--anchor-weight {self.anchor_weight} must be >= 0 (0 = earlier edits are not held)")
+        if not self.stats_weight >= 0:
+            raise UsageError(f"--stats-weight {self.stats_weight} must be >= 0 (0 = no statistics penalty)")
         if self.anchor_views < 0:
             raise UsageError(f"--anchor-views {self.anchor_views}: give the number of views per anchor image (0 = none)")
         if self.preserve_nearest < 0:
@@ -113,11 +123,17 @@ class EditConfig:
 
     @property
     def uses_preserve(self) -> bool:
+        """Needs the preserve images themselves (a minibatch every step, or their projector)."""
         return self.preserve_weight > 0 or self.nullspace_threshold is not None
+
+    @property
+    def uses_stats(self) -> bool:
+        """Needs only the preserve set's statistics (``stats.PreserveStats``)."""
+        return self.stats_weight > 0
 
     def without_preserve(self) -> "EditConfig":
         """The same edit with the terms that need a preserve set switched off."""
-        return replace(self, preserve_weight=0.0, nullspace_threshold=None)
+        return replace(self, preserve_weight=0.0, nullspace_threshold=None, stats_weight=0.0)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -234,10 +250,16 @@ def first_block(mask_or_sites) -> int:
     return min(s.block for s in sites)
 
 
+def _quadratic(dw: "torch.Tensor", left: "torch.Tensor | None", right: "torch.Tensor") -> "torch.Tensor":
+    """``tr(L dW R dW^T)`` (``L`` None: the identity)."""
+    return (((dw if left is None else left @ dw) @ right) * dw).sum()
+
+
 def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labels: "torch.Tensor",
          config: EditConfig = EditConfig(), *, tokens: "torch.Tensor | None" = None,
          penalty: tuple[str, float] | None = None, preserve: "PreserveSet | None" = None, seed: int = 0,
-         anchors: "AnchorSet | None" = None,
+         anchors: "AnchorSet | None" = None, stats: "PreserveStats | None" = None,
+         anchor_moments: dict | None = None,
          progress: Callable[[int, int, float], None] | None = None) -> EditResult:
     """Fit the selected units of a frozen ``model`` to ``labels``; return the patch.
 
@@ -247,8 +269,10 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     ``preserve`` is needed by the config's preservation term and null-space projection
     (``config.uses_preserve``); its minibatches are drawn with ``seed``. The stopping rule looks at
     the edit images alone. ``anchors`` (earlier edits' images, with the current model's
-    predictions) are held by ``config.anchor_weight``. ``progress(step, max_steps, loss)`` is called
-    after every step.
+    predictions) are held by ``config.anchor_weight``. ``stats`` (the preserve set's input moments)
+    is needed by ``config.stats_weight``; with it, ``anchor_moments`` (param -> the earlier edits'
+    images' input moments, ``stats.key_moments``) take the anchors' place, weighted by
+    ``config.anchor_weight``. ``progress(step, max_steps, loss)`` is called after every step.
 
     Every objective changes only the free slices, so weights outside the mask stay bit-identical;
     with ``preserve_weight=0`` and no projection the steps are exactly the paper's editor's.
@@ -262,6 +286,9 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     if config.uses_preserve and preserve is None:
         raise UsageError("this edit objective needs a preserve set (--preserve DIR: ordinary images the edit must "
                          "leave alone), or use --objective plain")
+    if config.uses_stats and stats is None:
+        raise UsageError("this edit objective needs the preserve set's statistics (--preserve DIR: ordinary images "
+                         "the edit must leave alone), or use --objective plain")
     start = first_block(mask)
     suffix = make_suffix(model, start)
     if tokens is None:
@@ -285,7 +312,10 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
         projectors = {s.param: preserve.projector(s, idx[s.param], config.nullspace_threshold).to(tokens.device)
                       for s in sites}
     use_kl = config.preserve_weight > 0
-    use_anchors = config.anchor_weight > 0 and anchors is not None and len(anchors) > 0
+    quad = {}
+    if config.uses_stats:  # (dW @ Q * dW).sum() per site: the preserve tokens' relative output change
+        quad = stats.quadratic_forms(sites, idx, anchor_moments, config.anchor_weight, device=tokens.device)
+    use_anchors = (config.anchor_weight > 0 and anchors is not None and len(anchors) > 0 and not quad)
     if use_anchors:
         if anchors.start != start:
             raise UsageError(f"the anchor set was cached at block {anchors.start}, the edit starts at block {start}; "
@@ -362,6 +392,9 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
             else:
                 term = _margin_hinge(logp, target[rows])
             loss = loss + config.preserve_weight * term
+        if quad:
+            loss = loss + config.stats_weight * sum(_quadratic(free[p] - old[p], left, right)
+                                                    for p, (left, right) in quad.items())
         if use_anchors:  # every earlier edit's images keep the current model's predictions
             logp = torch.log_softmax(out[n_kept:], -1)
             loss = loss + config.anchor_weight * F.kl_div(logp, anchor_target, log_target=True, reduction="batchmean")

@@ -92,6 +92,8 @@ class _Job:
     stacked: int = 0                 # edits of the history under this one (--on-top)
     anchors: object = None           # preserve.AnchorSet: the earlier edits' images (--on-top)
     exclude: dict | None = None      # param -> units the history changed, never chosen (--disjoint)
+    stats: object = None             # stats.PreserveStats of the preserve set (statistics objectives)
+    anchor_moments: dict | None = None  # the earlier edits' images' input moments (statistics objectives)
 
 
 def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
@@ -181,7 +183,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
         check_base = check_cache.predict()
     preserve_dir = None if opts.no_preserve else (
         Path(opts.preserve) if opts.preserve is not None else default_preserve_dir(loaded))
-    preserve, preserve_note = None, None
+    preserve, preserve_note, stats = None, None, None
     if preserve_dir is not None:
         measured = {"check set (--check)": (check_dir, c_refs), "locality set (--locality)": (locality_dir, l_refs),
                     "generalization set": (Path(generalization) if generalization else None,
@@ -192,9 +194,15 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
         # on top of a stack the ordinary images keep the *base* model's predictions (they were never
         # meant to change; holding them to the stack would let every edit's drift compound), while
         # the earlier edits' own images keep the stack's (the anchor set, below)
-        preserve, preserve_note, bad = _load_preserve(p_refs, loaded, sites, skip_bad, seed, progress,
-                                                      targets_from=base_weights if stacked else None)
-        skipped += bad
+        wanted = resolve_edit_config(loaded, opts.edit, opts.objective)
+        if wanted.uses_preserve or not wanted.uses_stats:
+            preserve, preserve_note, bad = _load_preserve(p_refs, loaded, sites, skip_bad, seed, progress,
+                                                          targets_from=base_weights if stacked else None)
+            skipped += bad
+        if wanted.uses_stats:
+            stats, bad = _load_stats(ws, loaded, sites, p_refs, skip_bad, progress,
+                                     base_weights=base_weights if stacked else None)
+            skipped += [b for b in bad if b not in skipped]
 
     sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base,
                     check_cache, check_labels, check_base)
@@ -206,12 +214,17 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     edit_config = resolve_edit_config(loaded, opts.edit, opts.objective)
     notes = [preserve_note] if preserve_note else []
     anchors = None
+    anchor_moments = None
     if stacked and edit_config.anchor_weight > 0:
         anchors, note = _load_anchors(ws, loaded, sites, [r.path for r in (g_batches.refs if g_batches else [])],
                                       progress, views=edit_config.anchor_views, seed=seed)
         if note:
             notes.append(note)
-    if preserve is None and edit_config.uses_preserve:
+        if anchors is not None and stats is not None:  # the earlier edits' images' inputs, under the base weights
+            from ..stats import key_moments
+
+            anchor_moments = key_moments(loaded.model, sites, anchors.tokens, weights=base_weights)
+    if (preserve is None and edit_config.uses_preserve) or (stats is None and edit_config.uses_stats):
         edit_config = edit_config.without_preserve()
         notes.append("no preserve set was given (--preserve DIR: ordinary images of the model's inputs), so nothing "
                      "held the rest of the model in place; expect a larger accuracy drop")
@@ -224,7 +237,8 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                 skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
                 edit_images=edit_images, validation=val_sets,
                 refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
-                      "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors, exclude=exclude)
+                      "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors, exclude=exclude,
+                stats=stats, anchor_moments=anchor_moments)
 
 
 def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Sequence[Path], progress: Progress,
@@ -336,6 +350,35 @@ def _load_preserve(refs, loaded: LoadedModel, sites, skip_bad: bool, seed: int, 
     return build_preserve_set(loaded.model, sites, tokens=tokens, targets_from=targets_from), note, batches.bad
 
 
+def _load_stats(ws: Workspace, loaded: LoadedModel, sites, refs, skip_bad: bool, progress: Progress,
+                base_weights: dict | None = None):
+    """The preserve set's statistics (``stats.PreserveStats``), from the workspace's cache when they
+    were computed before for this model and these images, else in one streaming pass (cached).
+
+    The cache is keyed by the preserve set's fingerprint (its images' sha256, whatever their names),
+    so another preserve set gets its own file and nothing is overwritten. On top of a stack the
+    statistics are those of the base model (``base_weights``): they do not move with the stack."""
+    from ..stats import PreserveStats, compute_stats, fingerprint
+
+    digest = fingerprint(r.path for r in refs)
+    path = ws.path(f"stats/{digest[:16]}.safetensors")
+    if path.exists():
+        return PreserveStats.load(path, loaded.identity, digest, sites), []
+    batches = _image_batches(refs, loaded, skip_bad, progress, "preserve set")
+    dev = next(loaded.model.parameters()).device
+    total = len(batches.refs)
+    progress("preserve statistics (once per preserve set)", 0, total)
+
+    def tick(done: int) -> None:
+        progress("preserve statistics (once per preserve set)", done, total)
+
+    stats = compute_stats(loaded.model, sites, (x.to(dev) for x, _ in batches), model_identity=loaded.identity,
+                          preserve_sha256=digest, weights=base_weights, progress=tick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(path)
+    return stats, batches.bad
+
+
 def resolve_edit_config(loaded: LoadedModel, overrides: dict | None, objective: str = "plain") -> EditConfig:
     """Defaults in one place: the paper's EditConfig, then the objective's preset, then the model's
     recommendation (its edit learning rate), then the flags."""
@@ -367,11 +410,12 @@ def _edit_and_measure(job: _Job, locator: str, sparsity: float, config: EditConf
 
     result = edit(job.loaded.model, mask, job.edit_images, job.edit_labels, config, tokens=job.edit_tokens,
                   preserve=job.preserve if config.uses_preserve else None, seed=job.seed,
-                  anchors=job.anchors, progress=step)
+                  anchors=job.anchors, stats=job.stats if config.uses_stats else None,
+                  anchor_moments=job.anchor_moments, progress=step)
     progress("editing", config.max_steps, config.max_steps, "done")
     metrics = (sets or job.sets).measure(result.patch.weights(job.loaded.model))
     point = {"sparsity": sparsity, "locator": locator, "objective": config.objective,
-             "preserve_weight": config.preserve_weight, **metrics.to_json(), "units_edited": mask.selected,
+             "preserve_weight": config.preserve_weight, "stats_weight": config.stats_weight, **metrics.to_json(), "units_edited": mask.selected,
              "params_edited": result.patch.params_edited, "steps": result.steps, "converged": result.converged,
              "final_loss": round(result.final_loss, 6)}
     return point, result.patch
@@ -403,8 +447,9 @@ def _sets_info(job: _Job) -> dict:
         "locality_note": _locality_note(job),
         "check_images": len(sets.check_labels) if sets.check_labels is not None else 0,
         "check_source": str(job.check_dir) if job.check_dir else None,
-        "preserve_images": len(job.preserve) if job.preserve is not None else 0,
-        "preserve_source": str(job.preserve_dir) if job.preserve is not None else None,
+        "preserve_images": (len(job.preserve) if job.preserve is not None
+                            else job.stats.images if job.stats is not None else 0),
+        "preserve_source": str(job.preserve_dir) if job.preserve is not None or job.stats is not None else None,
         "anchor_images": job.anchors.images if job.anchors is not None else 0,
         "disjoint": job.exclude is not None,
         "units_excluded": sum(int(ix.numel()) for ix in job.exclude.values()) if job.exclude else 0,
