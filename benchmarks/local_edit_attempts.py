@@ -48,6 +48,16 @@ for _w in (3, 10, 30, 100, 300, 1000, 3000):
         for _stop in (None, 0.5):
             ATTEMPTS[f"stats {_w}" + (" + augment" if _aug else "") + (f" + margin stop {_stop}" if _stop else "")] = (
                 dict(stats_weight=_w, augment=_aug, max_steps=200, stop_margin=_stop), 0.05)
+# statistics + a small KL minibatch (from the whole set, or the most fragile preserve images)
+for _w in (3, 10, 30):
+    for _b in (8, 16):
+        for _frag in (0, 200):
+            ATTEMPTS[f"stats {_w} + KL 3 batch {_b}" + (f" fragile {_frag}" if _frag else "") + " + augment"] = (
+                dict(stats_weight=_w, preserve_weight=3, preserve_batch=_b, preserve_fragile=_frag, augment=1,
+                     max_steps=200), 0.05)
+for _b in (8, 16, 32):
+    ATTEMPTS[f"KL 3 batch {_b} fragile 200 + augment"] = (
+        dict(preserve_weight=3, preserve_batch=_b, preserve_fragile=200, augment=1, max_steps=200), 0.05)
 # the Kronecker-factored KL penalty (input moments x output-gradient moments): weight x augment
 for _kind in ("fisher", "logits"):
     for _w in (0.1, 1, 10, 100, 1000, 10000):

@@ -89,6 +89,7 @@ class EditConfig:
     anchor_weight: float = 0.0
     anchor_views: int = 0
     stats_weight: float = 0.0
+    preserve_fragile: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -114,6 +115,8 @@ class EditConfig:
             raise UsageError(f"--stats-weight {self.stats_weight} must be >= 0 (0 = no statistics penalty)")
         if self.anchor_views < 0:
             raise UsageError(f"--anchor-views {self.anchor_views}: give the number of views per anchor image (0 = none)")
+        if self.preserve_fragile < 0:
+            raise UsageError(f"--preserve-fragile {self.preserve_fragile} must be >= 0 (0 = draw from the whole set)")
         if self.preserve_nearest < 0:
             raise UsageError(f"--preserve-nearest {self.preserve_nearest} must be >= 0 (0 = draw from the whole set)")
         if self.augment < 0:
@@ -141,6 +144,7 @@ class EditConfig:
 
 # The presets behind ``--objective``. ``plain`` is the paper's editor; ``local`` adds the terms that
 # keep the rest of the model in place, with the defaults chosen on the benchmark (docs/benchmark.md).
+DEFAULT_OBJECTIVE = "local"  # the preset apply, report, demo and the Python API use unless told otherwise
 OBJECTIVE_PRESETS: dict[str, dict] = {
     "plain": {},
     "local": {"preserve_weight": 3.0, "preserve_batch": 32, "augment": 1, "max_steps": 200, "anchor_weight": 3.0},
@@ -331,7 +335,12 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
         if config.preserve_nearest:
             with torch.no_grad():
                 near = preserve.nearest(suffix(tokens, pre_logits=True), config.preserve_nearest).tolist()
-        orders: dict[str, list[int]] = {"all": [], "near": []}
+        fragile: list[int] = []
+        if config.preserve_fragile:  # the preserve images closest to a flip under the base model
+            top2 = target.topk(2, -1).values
+            fragile = (top2[:, 0] - top2[:, 1]).topk(min(config.preserve_fragile, len(target)),
+                                                     largest=False).indices.sort().values.tolist()
+        orders: dict[str, list[int]] = {"all": [], "near": [], "fragile": []}
 
     def draw(kind: str, candidates: int, n: int) -> list[int]:
         """``n`` rows from a seeded permutation of ``range(candidates)``, reshuffled when used up."""
@@ -344,6 +353,9 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
 
     def next_preserve_rows() -> "torch.Tensor":
         """This step's preserve minibatch: ``preserve_batch`` rows (half of them nearest, if asked)."""
+        if fragile:
+            return torch.tensor([fragile[i] for i in draw("fragile", len(fragile), config.preserve_batch)],
+                                device=tokens.device)
         n_near = config.preserve_batch // 2 if near else 0
         rows = [near[i] for i in draw("near", len(near), n_near)] + draw("all", len(pool), config.preserve_batch - n_near)
         return torch.tensor(rows, device=tokens.device)

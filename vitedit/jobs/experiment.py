@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..artifacts import load_tensors, sha256_file
-from ..edit import EditConfig, Patch, edit
+from ..edit import DEFAULT_OBJECTIVE, EditConfig, Patch, edit
 from ..errors import InputDataError, UsageError
 from ..models import LoadedModel, Site
 from ..workspace import Workspace
@@ -37,7 +37,7 @@ class ExperimentOptions:
     seed: int | None = None          # None: the seed recorded by locate
     device: str = "auto"
     skip_bad_images: bool = False
-    objective: str = "local"
+    objective: str = DEFAULT_OBJECTIVE
     preserve: Path | None = None
     check: Path | None = None
     no_preserve: bool = False
