@@ -215,7 +215,9 @@ def _accumulate_fisher(model: "nn.Module", sites: Sequence[Site], tokens: "torch
             for k in range(samples):
                 # a Gaussian probe of the logits, centred over the classes (a shift of every logit
                 # changes no prediction): E[g g^T] = J^T (I - 11^T/C) J, J = d logits / d output
-                e = torch.randn(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+                # one draw per image, so the probes do not depend on how the set is batched
+                e = torch.stack([torch.randn(logits.shape[-1], generator=generator, dtype=torch.float64)
+                                 for _ in range(len(logits))]).to(logits.device)
                 if probe == "fisher":  # E[v v^T] = diag(p) - p p^T: the Fisher of the model's predictions
                     prob = torch.softmax(logits.detach().double(), -1)
                     root = prob.sqrt()
