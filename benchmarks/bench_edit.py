@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print one JSON object (last line of stdout)")
     ap.add_argument("--objectives", action="store_true", help="time the local editor against plain (see above)")
+    ap.add_argument("--whole", action="store_true", help="whole-edit time of the default, local and plain editors")
     ap.add_argument("--memory-worker", choices=["vitedit", "full", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -324,9 +325,133 @@ def time_objectives(args) -> dict:
     return out
 
 
+def time_whole(args) -> dict:
+    """Whole-edit time (``edit()`` from its call to its patch, with its own stopping rule and step
+    limit) of the default editor, the local editor and the paper's, and the one-off preparation each
+    needs, in one run; the default editor also as the 8th edit of a stack (70 anchor images).
+
+    The embedded default model edits the demo case (shirt group, the 10 edit images ``locate
+    --edit-images 10`` picks, the shipped hypernetwork's 5% mask, the bundled 2,000-image preserve
+    set): every edit runs to its own stop. ``--model`` (random init, ``--images`` random images,
+    256 random preserve images, a random 5% mask) never meets a stopping rule, so each editor runs
+    ``--steps`` steps and its whole edit is its preparation plus its step limit times its time per
+    step (printed as "projected")."""
+    import dataclasses
+
+    import torch
+
+    from vitedit.data import load_tensors, scan_labeled, scan_unlabeled
+    from vitedit.edit import DEFAULT_OBJECTIVE, edit, objective_config
+    from vitedit.evaluate import TokenCache
+    from vitedit.hypernet import load_hypernet
+    from vitedit.locate import LocateInputs, random_locator
+    from vitedit.masks import UnitScores
+    from vitedit.models import DEFAULT_ASSETS, default_blocks, find_sites, load_model
+    from vitedit.pipeline import resolve_edit_config, split_rows
+    from vitedit.preserve import build_anchor_set, build_preserve_set
+
+    names = {"default": DEFAULT_OBJECTIVE, "local": "local", "plain": "plain"}
+    if DEFAULT_OBJECTIVE == "local":
+        names.pop("local")
+    out = {}
+
+    def clock(fn):
+        t, c = time.perf_counter(), time.process_time()
+        res = fn()
+        return res, time.perf_counter() - t, time.process_time() - c
+
+    # the demo case on the embedded default model
+    loaded = load_model(None)
+    model, sites = loaded.model, tuple(loaded.sites())
+    refs = scan_labeled(DEFAULT_ASSETS / "failures" / "shirt", loaded.labels)
+    fx, good, _ = load_tensors(refs, loaded.transform, loaded.channels)
+    fy = torch.tensor([r.label for r in good])
+    rows, _ = split_rows(len(fy), 0.3, 0, 10)
+    x, y = fx[rows], fy[rows]
+    px, _, _ = load_tensors(scan_unlabeled(DEFAULT_ASSETS / "preserve"), loaded.transform, loaded.channels)
+    start = min(s.block for s in sites)
+    hypernet, _ = load_hypernet(DEFAULT_ASSETS / "hypernet.safetensors", loaded.identity, sites)
+    tokens = TokenCache(model, start, x).tokens
+    with torch.no_grad():
+        scores = hypernet(TokenCache(model, start, x).suffix(tokens, pre_logits=True))
+    mask = UnitScores(sites, {s.param: v.mean(0) for s, v in zip(sites, scores)}, "hypernet").select(0.05)
+    others = [r for g in sorted((DEFAULT_ASSETS / "failures").iterdir()) if g.name != "shirt"
+              for r in scan_labeled(g, loaded.labels)[:10]][:ANCHORS]
+    ax, _, _ = load_tensors(others, loaded.transform, loaded.channels)
+    preserve, prep_s, prep_cpu = clock(lambda: build_preserve_set(model, sites, px))
+    anchors = build_anchor_set(model, sites, ax)
+    rows_ = {}
+    for key, name in names.items():
+        cfg = resolve_edit_config(loaded, {}, name)
+        res, wall, cpu = clock(lambda: edit(model, mask, x, y, cfg, tokens=tokens,
+                                            preserve=preserve if cfg.uses_preserve else None))
+        rows_[key] = {"preset": name, "wall_s": wall, "cpu_s": cpu, "steps": res.steps, "converged": res.converged}
+        if key == "default":
+            res8, wall8, cpu8 = clock(lambda: edit(model, mask, x, y, cfg, tokens=tokens, anchors=anchors,
+                                                   preserve=preserve if cfg.uses_preserve else None))
+            rows_["default, 8th edit"] = {"preset": name, "wall_s": wall8, "cpu_s": cpu8, "steps": res8.steps,
+                                          "converged": res8.converged, "anchor_images": anchors.images}
+    out["vitedit/fashion-vit (demo case)"] = {
+        "edits": rows_, "preserve_set_s": prep_s, "preserve_images": len(px), "edit_images": len(x),
+        "ratio_default_over_plain": rows_["default"]["wall_s"] / rows_["plain"]["wall_s"],
+        "ratio_8th_over_1st": rows_["default, 8th edit"]["wall_s"] / rows_["default"]["wall_s"]}
+
+    # a random-init timm model at full size: time per step, projected to each editor's step limit
+    import timm
+
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    sites = tuple(find_sites(model, default_blocks(len(model.blocks))))
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.images, 3, args.img_size, args.img_size, generator=gen)
+    y = torch.randint(0, model.num_classes, (args.images,), generator=gen)
+    px = torch.randn(256, 3, args.img_size, args.img_size, generator=gen)
+    scores = random_locator(LocateInputs(model, sites, None, None, seed=args.seed))
+    mask = UnitScores(sites, {p: v[0] for p, v in scores.items()}, "random").select(0.05)
+    preserve, prep_s, _ = clock(lambda: build_preserve_set(model, sites, px))
+    anchors = build_anchor_set(model, sites, px[:ANCHORS])  # stand-ins: only their number matters here
+    rows_ = {}
+    for key, name in names.items():
+        full = objective_config(name, lr=1e-4)
+        cfg = dataclasses.replace(full, max_steps=args.steps, loss_threshold=0.0, stop_margin=None)
+        for label, anc in ((key, None), (f"{key}, 8th edit", anchors)) if key == "default" else ((key, None),):
+            res, wall, cpu = clock(lambda: edit(model, mask, x, y, cfg, anchors=anc,
+                                                preserve=preserve if cfg.uses_preserve else None))
+            per_step = wall / res.steps
+            rows_[label] = {"preset": name, "steps_run": res.steps, "wall_s_per_step": per_step,
+                            "max_steps": full.max_steps, "projected_wall_s": per_step * full.max_steps}
+    out[f"{args.model} (random init)"] = {
+        "edits": rows_, "preserve_set_s": prep_s, "preserve_images": len(px), "edit_images": args.images,
+        "ratio_default_over_plain": rows_["default"]["projected_wall_s"] / rows_["plain"]["projected_wall_s"],
+        "ratio_8th_over_1st": rows_["default, 8th edit"]["projected_wall_s"] / rows_["default"]["projected_wall_s"]}
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.whole:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = time_whole(args)
+        for name, r in res.items():
+            print(f"{name}: {r['edit_images']} edit images; preserve set of {r['preserve_images']} images cached "
+                  f"once in {r['preserve_set_s']:.1f} s")
+            for k, e in r["edits"].items():
+                if "wall_s" in e:
+                    print(f"  {k:<18} ({e['preset']}) whole edit {e['wall_s']:7.1f} s, {e['steps']} steps"
+                          f"{', stopped by its rule' if e['converged'] else ''}")
+                else:
+                    print(f"  {k:<18} ({e['preset']}) {e['wall_s_per_step']:6.2f} s/step x {e['max_steps']} steps: "
+                          f"projected whole edit {e['projected_wall_s']:7.0f} s")
+            print(f"  default / plain: {r['ratio_default_over_plain']:.2f}x; 8th edit / 1st: "
+                  f"{r['ratio_8th_over_1st']:.2f}x")
+        if args.json:
+            print(json.dumps({"benchmark": "edit-whole", "threads": args.threads, "models": res}))
+        return
     if args.objectives:
         import torch
 

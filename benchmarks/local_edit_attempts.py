@@ -58,6 +58,18 @@ for _w in (3, 10, 30):
 for _b in (8, 16, 32):
     ATTEMPTS[f"KL 3 batch {_b} fragile 200 + augment"] = (
         dict(preserve_weight=3, preserve_batch=_b, preserve_fragile=200, augment=1, max_steps=200), 0.05)
+# the fragile minibatch: pool size, weight, steps, views
+for _frag in (100, 200, 400):
+    for _w in (3, 10):
+        for _steps in (100, 150, 200):
+            for _aug in (1, 2):
+                ATTEMPTS[f"KL {_w} batch 8 fragile {_frag} + augment {_aug} x {_steps} steps"] = (
+                    dict(preserve_weight=_w, preserve_batch=8, preserve_fragile=_frag, augment=_aug,
+                         max_steps=_steps), 0.05)
+# the plateau stopping rule
+for _win in (10, 20, 40):
+    ATTEMPTS[f"KL 3 batch 8 fragile 200 + augment 1 plateau {_win}"] = (
+        dict(preserve_weight=3, preserve_batch=8, preserve_fragile=200, augment=1, max_steps=300, plateau=_win), 0.05)
 # the Kronecker-factored KL penalty (input moments x output-gradient moments): weight x augment
 for _kind in ("fisher", "logits"):
     for _w in (0.1, 1, 10, 100, 1000, 10000):
@@ -133,6 +145,8 @@ def main(argv=None) -> None:
     rows = []
     names = [n.strip() for n in args.only.split(",")] if args.only else list(ATTEMPTS)
     for name in names:
+        if name not in ATTEMPTS and not name.startswith("local"):
+            raise SystemExit(f"unknown attempt {name!r}")
         fields, sparsity = ATTEMPTS[name] if name in ATTEMPTS else (None, 0.05)
         cfg = objective_config("local", lr=plain_lr) if fields is None else EditConfig(lr=plain_lr, **fields)
         mask = hyp.select(sparsity)

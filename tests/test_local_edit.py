@@ -10,6 +10,8 @@ A 4-block, width-64 random-init ViT on 32x32 images (the fixtures of test_edit),
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -64,6 +66,8 @@ OBJECTIVES = {
     "augment": EditConfig(lr=1e-3, max_steps=4, augment=1),
     "nearest": EditConfig(lr=1e-3, max_steps=4, preserve_weight=3.0, preserve_batch=8, preserve_nearest=6),
     "local preset": objective_config("local", lr=1e-3, max_steps=4),
+    "fragile": EditConfig(lr=1e-3, max_steps=4, preserve_weight=3.0, preserve_batch=4, preserve_fragile=6),
+    "plateau": EditConfig(lr=1e-3, max_steps=4, plateau=1),
 }
 
 
@@ -305,3 +309,55 @@ def test_augmented_views_keep_shape_and_content():
         ok = any(torch.equal(v[:, 2:-2, 2:-2], cand[:, 2 + dy:26 + dy, 2 + dx:26 + dx])
                  for cand in (src, src.flip(-1)) for dy in range(-2, 3) for dx in range(-2, 3))
         assert ok
+
+
+def test_fragile_minibatches_are_those_of_the_preserve_set_cut_to_its_lowest_margin_images(model, data, sites, preserve):
+    """preserve_fragile=N draws exactly the minibatches the same edit draws from a preserve set that
+    holds only the N images with the smallest base top-2 margin (same seed, same order)."""
+    images, labels = data
+    mask = make_mask(sites)
+    top2 = preserve.base_log_probs.topk(2, -1).values
+    rows = (top2[:, 0] - top2[:, 1]).topk(6, largest=False).indices.sort().values
+    cut = build_preserve_set(model, sites, tokens=preserve.tokens[rows])
+    cfg = EditConfig(lr=1e-3, max_steps=6, preserve_weight=3.0, preserve_batch=4)
+    fragile = edit(model, mask, images, labels, replace(cfg, preserve_fragile=6), preserve=preserve, seed=3)
+    subset = edit(model, mask, images, labels, cfg, preserve=cut, seed=3)
+    assert fragile.losses == subset.losses
+    assert all(torch.equal(fragile.patch.new[p], subset.patch.new[p]) for p in fragile.patch.new)
+    whole = edit(model, mask, images, labels, cfg, preserve=preserve, seed=3)
+    assert any(not torch.equal(fragile.patch.new[p], whole.patch.new[p]) for p in whole.patch.new)
+
+
+def test_anchor_batch_covering_every_anchor_is_the_full_anchor_term(model, data, sites, anchors):
+    images, labels = data
+    mask = make_mask(sites)
+    cfg = EditConfig(lr=1e-3, max_steps=6, anchor_weight=5.0)
+    full = edit(model, mask, images, labels, cfg, anchors=anchors[1])
+    covering = edit(model, mask, images, labels, replace(cfg, anchor_batch=len(anchors[1])), anchors=anchors[1])
+    part = edit(model, mask, images, labels, replace(cfg, anchor_batch=2), anchors=anchors[1])
+    assert full.losses == covering.losses
+    assert all(torch.equal(full.patch.new[p], covering.patch.new[p]) for p in full.patch.new)
+    assert any(not torch.equal(full.patch.new[p], part.patch.new[p]) for p in full.patch.new)
+
+
+def test_the_plateau_rule():
+    from vitedit.edit import _plateaued
+
+    assert not _plateaued([1.0, 0.5, 0.25, 0.1], 0)
+    assert not _plateaued([1.0, 0.5, 0.25], 2)                 # too few steps to compare two windows
+    assert not _plateaued([1.0, 0.8, 0.5, 0.4], 2)             # 0.45 < 0.95 * 0.9: still falling
+    assert _plateaued([0.50, 0.49, 0.49, 0.48], 2)             # 0.485 > 0.95 * 0.495
+    with pytest.raises(UsageError, match="plateau"):
+        EditConfig(plateau=-1)
+
+
+def test_a_plateau_stops_an_edit_the_loss_rule_would_run_to_its_step_limit(model, data, sites, preserve):
+    """A preservation term holds the loss above the paper's threshold: without the plateau rule the
+    edit runs all its steps; with it, it stops once every edit image is right and the loss is flat."""
+    images, labels = data
+    mask = make_mask(sites, density=0.25)
+    cfg = EditConfig(lr=3e-3, max_steps=150, loss_threshold=1e-4, preserve_weight=1.0, preserve_batch=24)
+    by_loss = edit(model, mask, images, labels, cfg, preserve=preserve)
+    by_plateau = edit(model, mask, images, labels, replace(cfg, plateau=5), preserve=preserve)
+    assert by_loss.steps == 150 and not by_loss.converged
+    assert by_plateau.converged and by_plateau.edit_accuracy == 1.0 and by_plateau.steps < 150

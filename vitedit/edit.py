@@ -73,6 +73,13 @@ class EditConfig:
       relative to its mean squared output. A step costs what the paper's editor's step costs. On top
       of a stack, the earlier edits' images' moments (``anchor_moments``) join ``C`` with weight
       ``anchor_weight`` instead of the KL anchor term.
+    - ``preserve_fragile``: draw the preservation minibatch only from this many preserve images,
+      those with the smallest margin between the base model's top two classes: the images an edit
+      can flip. Chosen once per preserve set; the other images are confidently classified.
+    - ``anchor_batch``: hold this many anchor images per step (a seeded permutation, reshuffled
+      when used up) instead of all of them, so an edit on top of many costs what the first did.
+    - ``plateau``: also stop (every edit image right) once the fitted loss's mean over the last
+      ``plateau`` steps is above 95% of its mean over the ``plateau`` steps before (0 = off).
     """
 
     lr: float = 2e-5
@@ -88,8 +95,10 @@ class EditConfig:
     preserve_loss: str = "kl"
     anchor_weight: float = 0.0
     anchor_views: int = 0
+    anchor_batch: int = 0
     stats_weight: float = 0.0
     preserve_fragile: int = 0
+    plateau: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -113,8 +122,12 @@ class EditConfig:
             raise UsageError(f"--anchor-weight {self.anchor_weight} must be >= 0 (0 = earlier edits are not held)")
         if not self.stats_weight >= 0:
             raise UsageError(f"--stats-weight {self.stats_weight} must be >= 0 (0 = no statistics penalty)")
+        if self.anchor_batch < 0:
+            raise UsageError(f"anchor_batch {self.anchor_batch} must be >= 0 (0 = every anchor image every step)")
         if self.anchor_views < 0:
             raise UsageError(f"--anchor-views {self.anchor_views}: give the number of views per anchor image (0 = none)")
+        if self.plateau < 0:
+            raise UsageError(f"plateau {self.plateau} must be >= 0 (0 = no plateau rule)")
         if self.preserve_fragile < 0:
             raise UsageError(f"--preserve-fragile {self.preserve_fragile} must be >= 0 (0 = draw from the whole set)")
         if self.preserve_nearest < 0:
@@ -147,7 +160,11 @@ class EditConfig:
 DEFAULT_OBJECTIVE = "local"  # the preset apply, report, demo and the Python API use unless told otherwise
 OBJECTIVE_PRESETS: dict[str, dict] = {
     "plain": {},
-    "local": {"preserve_weight": 3.0, "preserve_batch": 32, "augment": 1, "max_steps": 200, "anchor_weight": 3.0},
+    # KL on 8 of the 200 most fragile preserve images a step, one augmented view of each edit image,
+    # stop when the fitted loss plateaus (window 20, at most 300 steps); on a stack, 4 of the earlier
+    # edits' images a step (benchmarks/local_edit_attempts.py, docs/benchmark.md)
+    "local": {"preserve_weight": 3.0, "preserve_batch": 8, "preserve_fragile": 200, "augment": 1, "max_steps": 300,
+              "plateau": 20, "anchor_weight": 3.0, "anchor_batch": 4},
 }
 
 
@@ -326,6 +343,19 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
                              "build it for the same edited blocks")
         anchor_tokens = anchors.tokens.to(tokens.device)
         anchor_target = anchors.log_probs.to(tokens.device)
+        anchor_gen = torch.Generator().manual_seed(seed + 2)
+        anchor_order: list[int] = []
+
+    def next_anchor_rows() -> "torch.Tensor | slice":
+        """This step's anchor rows: all of them, or ``anchor_batch`` from a seeded permutation."""
+        if not config.anchor_batch or config.anchor_batch >= len(anchor_tokens):
+            return slice(None)
+        rows: list[int] = []
+        while len(rows) < config.anchor_batch:
+            if not anchor_order:
+                anchor_order.extend(torch.randperm(len(anchor_tokens), generator=anchor_gen).tolist())
+            rows.append(anchor_order.pop())
+        return torch.tensor(rows, device=tokens.device)
     n_edit = len(tokens)
     if use_kl:
         pool = preserve.tokens.to(tokens.device)
@@ -363,6 +393,7 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     aug_gen = torch.Generator().manual_seed(seed + 1)
 
     losses: list[float] = []
+    fits: list[float] = []  # the fitted loss (edit images and their views) per step, for the plateau rule
     steps, converged = 0, False
     while True:
         weights = {s.param: base[s.param].index_copy(s.dim, idx[s.param], free[s.param]) for s in sites}
@@ -377,7 +408,8 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
             parts.append(pool[rows])
         n_kept = sum(len(p) for p in parts)
         if use_anchors:
-            parts.append(anchor_tokens)
+            a_rows = next_anchor_rows()
+            parts.append(anchor_tokens[a_rows])
         out = functional_call(suffix, weights, (torch.cat(parts) if len(parts) > 1 else tokens,))  # (B + A*B + P, classes)
         logits = out[:n_edit]
         loss = F.cross_entropy(logits, labels)
@@ -385,7 +417,8 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
             loss_fit = F.cross_entropy(out[:n_fit], labels.repeat(1 + config.augment))
         losses.append(float(loss.detach()))
         correct = logits.argmax(-1) == labels
-        if bool(correct.all()) and _stop(logits.detach(), labels, losses[-1], config):
+        fits.append(float((loss_fit if config.augment else loss).detach()))
+        if bool(correct.all()) and (_stop(logits.detach(), labels, losses[-1], config) or _plateaued(fits, config.plateau)):
             converged = True
             break
         if steps == config.max_steps:
@@ -409,7 +442,8 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
                                                     for p, (left, right) in quad.items())
         if use_anchors:  # every earlier edit's images keep the current model's predictions
             logp = torch.log_softmax(out[n_kept:], -1)
-            loss = loss + config.anchor_weight * F.kl_div(logp, anchor_target, log_target=True, reduction="batchmean")
+            loss = loss + config.anchor_weight * F.kl_div(logp, anchor_target[a_rows], log_target=True,
+                                                          reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -457,6 +491,15 @@ def _margin_hinge(log_probs: "torch.Tensor", base_log_probs: "torch.Tensor") -> 
     def margin(lp):
         return lp.gather(1, top).squeeze(1) - lp.scatter(1, top, float("-inf")).max(-1).values
     return torch.relu(margin(base_log_probs).clamp(max=MARGIN_CAP) - margin(log_probs)).mean()
+
+
+def _plateaued(fits: list[float], window: int) -> bool:
+    """The fitted loss has stopped falling: its mean over the last ``window`` steps is above 95% of
+    its mean over the ``window`` steps before (``window`` 0: never)."""
+    if not window or len(fits) < 2 * window:
+        return False
+    last, before = sum(fits[-window:]) / window, sum(fits[-2 * window:-window]) / window
+    return last > 0.95 * before
 
 
 def _stop(logits: "torch.Tensor", labels: "torch.Tensor", loss: float, config: EditConfig) -> bool:
