@@ -35,8 +35,10 @@ ATTEMPTS = {
     "KL 3 + margin stop 0.2 + null-space 0.01": (dict(preserve_weight=3, preserve_batch=32, nullspace_threshold=0.01,
                                                       stop_margin=0.2, max_steps=200), 0.05),
     "plain + augment": (dict(augment=1), 0.05),
-    "local (KL 3 + augment)": (None, 0.05),
-    "local at sparsity 0.25": (None, 0.25),
+    # the local editor before the fragile minibatch and the plateau rule
+    "local (KL 3 + augment)": (dict(preserve_weight=3, preserve_batch=32, augment=1, max_steps=200, anchor_weight=3), 0.05),
+    "local at sparsity 0.25": (dict(preserve_weight=3, preserve_batch=32, augment=1, max_steps=200, anchor_weight=3), 0.25),
+    "default": (None, 0.05),  # the default editor's preset as it is now (edit.DEFAULT_OBJECTIVE)
     "KL 10 + augment, 300 steps, sparsity 0.25": (dict(preserve_weight=10, preserve_batch=32, augment=1, max_steps=300), 0.25),
     "hinge 3 + augment": (dict(preserve_weight=3, preserve_batch=32, augment=1, preserve_loss="margin", max_steps=200), 0.05),
     "KL 3 + augment + nearest 100": (dict(preserve_weight=3, preserve_batch=32, augment=1, preserve_nearest=100,
@@ -70,6 +72,12 @@ for _frag in (100, 200, 400):
 for _win in (10, 20, 40):
     ATTEMPTS[f"KL 3 batch 8 fragile 200 + augment 1 plateau {_win}"] = (
         dict(preserve_weight=3, preserve_batch=8, preserve_fragile=200, augment=1, max_steps=300, plateau=_win), 0.05)
+# minibatch size and pool under the plateau rule
+for _b in (8, 16, 32):
+    for _frag in (200, 400):
+        ATTEMPTS[f"KL 3 batch {_b} fragile {_frag} + augment 1 plateau 20"] = (
+            dict(preserve_weight=3, preserve_batch=_b, preserve_fragile=_frag, augment=1, max_steps=300, plateau=20),
+            0.05)
 # the Kronecker-factored KL penalty (input moments x output-gradient moments): weight x augment
 for _kind in ("fisher", "logits"):
     for _w in (0.1, 1, 10, 100, 1000, 10000):
@@ -83,7 +91,7 @@ def main(argv=None) -> None:
     from torch.func import functional_call
 
     from vitedit.data import load_tensors, scan_labeled
-    from vitedit.edit import EditConfig, edit, objective_config
+    from vitedit.edit import DEFAULT_OBJECTIVE, EditConfig, edit, objective_config
     from vitedit.evaluate import TokenCache
     from vitedit.hypernet import load_hypernet
     from vitedit.masks import UnitScores
@@ -145,10 +153,10 @@ def main(argv=None) -> None:
     rows = []
     names = [n.strip() for n in args.only.split(",")] if args.only else list(ATTEMPTS)
     for name in names:
-        if name not in ATTEMPTS and not name.startswith("local"):
+        if name not in ATTEMPTS:
             raise SystemExit(f"unknown attempt {name!r}")
-        fields, sparsity = ATTEMPTS[name] if name in ATTEMPTS else (None, 0.05)
-        cfg = objective_config("local", lr=plain_lr) if fields is None else EditConfig(lr=plain_lr, **fields)
+        fields, sparsity = ATTEMPTS[name]
+        cfg = objective_config(DEFAULT_OBJECTIVE, lr=plain_lr) if fields is None else EditConfig(lr=plain_lr, **fields)
         mask = hyp.select(sparsity)
         t = time.time()
         res = edit(model, mask, fx[edit_rows], fy[edit_rows], cfg, tokens=edit_set.tokens,

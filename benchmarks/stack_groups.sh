@@ -6,6 +6,7 @@
 #   python -m vitedit.zoo.fashion test-images --work build/fashion
 #   python -m vitedit.zoo.fashion all-test-images --work build/fashion
 #   OMP_NUM_THREADS=1 bash benchmarks/stack_groups.sh build/stack [plain|local] [SPARSITY] [APPLY FLAGS...]
+#   STACK_ORDER=reverse ... edits the groups in the reverse order (the stack should not depend on it)
 # (extra flags go to every `apply --on-top`, e.g. --anchor-weight 10 --disjoint)
 set -euo pipefail
 out=${1:-build/stack}; objective=${2:-local}; sparsity=${3:-0.05}
@@ -15,6 +16,8 @@ vitedit() { "$root/.venv/bin/vitedit" "$@"; }
 mkdir -p "$out"; cd "$out"
 rm -rf ws failures
 groups=$(vitedit examples --json | "$root/.venv/bin/python" -c "import json,sys; print(' '.join(g['group'] for g in json.load(sys.stdin)['groups'] if g['failures'] > 10))")
+[ "${STACK_ORDER:-}" = reverse ] && groups=$(echo $groups | tr ' ' '\n' | tac | tr '\n' ' ')
+echo "order: $groups"
 first=1
 for g in $groups; do
   cp -r "$root/vitedit/assets/fashion/failures/$g" "failures-$g"
