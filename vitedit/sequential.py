@@ -1,6 +1,6 @@
 """``vitedit benchmark --sequential``: many edits in one model, and what they do to each other.
 
-Protocol (docs/benchmark.md, "Many edits in one model"), on the embedded default:
+Protocol (docs/research-log.md, "Many edits in one model"), on the embedded default:
 
 - every bundled failure group with more than ``edit_images`` failures takes part; per group a seeded
   draw of ``edit_images`` failures is its edit set and the rest its held-out set, the same in every
