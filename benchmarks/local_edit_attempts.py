@@ -78,6 +78,11 @@ for _b in (8, 16, 32):
         ATTEMPTS[f"KL 3 batch {_b} fragile {_frag} + augment 1 plateau 20"] = (
             dict(preserve_weight=3, preserve_batch=_b, preserve_fragile=_frag, augment=1, max_steps=300, plateau=20),
             0.05)
+# half of the minibatch from the fragile images, half from the whole set
+for _b in (8, 16):
+    ATTEMPTS[f"KL 3 batch {_b} half fragile 200 + augment 1 plateau 20"] = (
+        dict(preserve_weight=3, preserve_batch=_b, preserve_fragile=200, fragile_share=0.5, augment=1, max_steps=300,
+             plateau=20), 0.05)
 # the Kronecker-factored KL penalty (input moments x output-gradient moments): weight x augment
 for _kind in ("fisher", "logits"):
     for _w in (0.1, 1, 10, 100, 1000, 10000):

@@ -326,6 +326,9 @@ def test_fragile_minibatches_are_those_of_the_preserve_set_cut_to_its_lowest_mar
     assert all(torch.equal(fragile.patch.new[p], subset.patch.new[p]) for p in fragile.patch.new)
     whole = edit(model, mask, images, labels, cfg, preserve=preserve, seed=3)
     assert any(not torch.equal(fragile.patch.new[p], whole.patch.new[p]) for p in whole.patch.new)
+    none = edit(model, mask, images, labels, replace(cfg, preserve_fragile=6, fragile_share=0.0), preserve=preserve,
+                seed=3)  # a share of 0: every row from the whole set, as without the fragile pool
+    assert none.losses == whole.losses
 
 
 def test_anchor_batch_covering_every_anchor_is_the_full_anchor_term(model, data, sites, anchors):

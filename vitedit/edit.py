@@ -75,7 +75,8 @@ class EditConfig:
       ``anchor_weight`` instead of the KL anchor term.
     - ``preserve_fragile``: draw the preservation minibatch only from this many preserve images,
       those with the smallest margin between the base model's top two classes: the images an edit
-      can flip. Chosen once per preserve set; the other images are confidently classified.
+      can flip. Chosen once per preserve set. ``fragile_share`` of each minibatch comes from them,
+      the rest from the whole set (an edit can also flip a confident image of another class).
     - ``anchor_batch``: hold this many anchor images per step (a seeded permutation, reshuffled
       when used up) instead of all of them, so an edit on top of many costs what the first did.
     - ``plateau``: also stop (every edit image right) once the fitted loss's mean over the last
@@ -98,6 +99,7 @@ class EditConfig:
     anchor_batch: int = 0
     stats_weight: float = 0.0
     preserve_fragile: int = 0
+    fragile_share: float = 1.0
     plateau: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +128,8 @@ class EditConfig:
             raise UsageError(f"anchor_batch {self.anchor_batch} must be >= 0 (0 = every anchor image every step)")
         if self.anchor_views < 0:
             raise UsageError(f"--anchor-views {self.anchor_views}: give the number of views per anchor image (0 = none)")
+        if not 0 <= self.fragile_share <= 1:
+            raise UsageError(f"fragile_share {self.fragile_share} must be in [0, 1]")
         if self.plateau < 0:
             raise UsageError(f"plateau {self.plateau} must be >= 0 (0 = no plateau rule)")
         if self.preserve_fragile < 0:
@@ -160,11 +164,11 @@ class EditConfig:
 DEFAULT_OBJECTIVE = "local"  # the preset apply, report, demo and the Python API use unless told otherwise
 OBJECTIVE_PRESETS: dict[str, dict] = {
     "plain": {},
-    # KL on 8 of the 200 most fragile preserve images a step, one augmented view of each edit image,
+    # KL on 8 preserve images a step, half of them from the 200 most fragile, one augmented view of each edit image,
     # stop when the fitted loss plateaus (window 20, at most 300 steps); on a stack, 4 of the earlier
     # edits' images a step (benchmarks/local_edit_attempts.py, docs/benchmark.md)
-    "local": {"preserve_weight": 3.0, "preserve_batch": 8, "preserve_fragile": 200, "augment": 1, "max_steps": 300,
-              "plateau": 20, "anchor_weight": 3.0, "anchor_batch": 4},
+    "local": {"preserve_weight": 3.0, "preserve_batch": 8, "preserve_fragile": 200, "fragile_share": 0.5, "augment": 1,
+              "max_steps": 300, "plateau": 20, "anchor_weight": 3.0, "anchor_batch": 4},
 }
 
 
@@ -383,9 +387,11 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
 
     def next_preserve_rows() -> "torch.Tensor":
         """This step's preserve minibatch: ``preserve_batch`` rows (half of them nearest, if asked)."""
-        if fragile:
-            return torch.tensor([fragile[i] for i in draw("fragile", len(fragile), config.preserve_batch)],
-                                device=tokens.device)
+        if fragile:  # a share from the fragile images, the rest from the whole set
+            n_frag = round(config.preserve_batch * config.fragile_share)
+            rows = [fragile[i] for i in draw("fragile", len(fragile), n_frag)]
+            rows += draw("all", len(pool), config.preserve_batch - n_frag)
+            return torch.tensor(rows, device=tokens.device)
         n_near = config.preserve_batch // 2 if near else 0
         rows = [near[i] for i in draw("near", len(near), n_near)] + draw("all", len(pool), config.preserve_batch - n_near)
         return torch.tensor(rows, device=tokens.device)
