@@ -566,3 +566,41 @@ def test_progress_in_a_log_restarts_the_clock_when_a_task_starts_again(monkeypat
     clock[0] = 1001.0
     update("loading", 5, 10)
     assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- the surface
+
+
+def _commands():
+    import typer
+
+    from vitedit.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def _visible_options(command) -> list[str]:
+    return [p.opts[0] for p in command.params
+            if getattr(p, "param_type_name", "") == "option" and not getattr(p, "hidden", False)]
+
+
+def test_apply_and_report_show_at_most_15_options():
+    commands = _commands()
+    for name in ("apply", "report"):
+        assert len(_visible_options(commands[name])) <= 15, _visible_options(commands[name])
+
+
+def test_config_file_sets_the_editor_and_lands_in_the_provenance(tmp_path, tiny_weights, labels_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    failures = write_images(tmp_path / "failures", {"cat": 4, "dog": 4, "ship": 4}, seed=3)
+    assert cli("locate", failures, *model_args(tiny_weights, labels_file), "--json")[0] == 0
+    (tmp_path / "edit.toml").write_text("max_steps = 2\nlr = 1e-3\naugment = 0\n")
+    res = cli_json("apply", "--editor", "plain", "--config", tmp_path / "edit.toml", "--check", "none")
+    assert (res["objective"], res["edit_config"]["max_steps"], res["edit_config"]["lr"]) == ("plain", 2, 1e-3)
+    sidecar = json.loads((tmp_path / ".vitedit" / "patch.json").read_text())
+    assert sidecar["edit_config"]["max_steps"] == 2 and sidecar["edit_config"]["objective"] == "plain"
+    (tmp_path / "bad.toml").write_text("max_step = 2\n")
+    code, _, err = cli("apply", "--config", tmp_path / "bad.toml")
+    assert code == 2 and "max_step" in one_error_line(err)
+    code, _, err = cli("apply", "--editor", "nosuch", "--config", tmp_path / "edit.toml")
+    assert code == 2 and "nosuch" in one_error_line(err)

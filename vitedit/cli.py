@@ -169,6 +169,31 @@ def _edit_config(lr: Optional[float], max_steps: Optional[int], preserve_weight:
     return out
 
 
+
+def _editor(editor: Optional[str], objective: Optional[str]) -> str:
+    """The --editor preset (--objective: its old, hidden spelling); default ``edit.DEFAULT_OBJECTIVE``."""
+    from .edit import DEFAULT_OBJECTIVE
+
+    if editor is not None and objective is not None and editor != objective:
+        raise UsageError("give --editor only (--objective is its old spelling)")
+    return editor or objective or DEFAULT_OBJECTIVE
+
+
+def _experiment(edit_flags: dict, config: Optional[Path], editor: Optional[str], objective: Optional[str],
+                preserve: Optional[Path], no_preserve: bool, check: Optional[Path], no_check: bool, **kw):
+    """apply's and report's ExperimentOptions: the --editor preset, then the --config file, then any hidden flag."""
+    from .config_file import read_edit_config
+    from .pipeline import ExperimentOptions
+
+    overrides = read_edit_config(config) if config is not None else {}
+    overrides.update({k: v for k, v in edit_flags.items() if v is not None})
+    if preserve is not None and str(preserve).lower() == "none":
+        preserve, no_preserve = None, True
+    if check is not None and str(check).lower() == "none":
+        check, no_check = None, True
+    return ExperimentOptions(overrides, objective=_editor(editor, objective), preserve=preserve,
+                             check=check, no_preserve=no_preserve, no_check=no_check, **kw)
+
 def _sparsity(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -178,31 +203,35 @@ def _sparsity(text: str) -> float | str:
         raise UsageError(f"--sparsity {text!r}: give the fraction of units to edit, e.g. 0.05, or 'auto'") from None
 
 
-ObjectiveOpt = typer.Option("local", "--objective", help="local: keep the rest of the model in place (preservation "
-                            "term on the preserve set, null-space constrained update, margin stop); plain: the paper's "
-                            "editor (fit the edit images to a loss of 0.01, nothing else).")
+EditorOpt = typer.Option(None, "--editor", help="The editor preset (vitedit.edit.OBJECTIVE_PRESETS): local, the default, "
+                         "keeps the rest of the model in place (a preservation term on the preserve set); plain is the "
+                         "paper's editor (fit the edit images to a loss of 0.01, nothing else).")
+ObjectiveOpt = typer.Option(None, "--objective", hidden=True, help="Deprecated spelling of --editor.")
+ConfigOpt = typer.Option(None, "--config", help="A TOML file of editor settings (keys: the EditConfig fields, docs/cli.md) "
+                         "merged over the --editor preset; the resolved settings are stored in the patch's provenance.")
 PreserveOpt = typer.Option(None, "--preserve", help="Folder of ordinary unlabeled inputs the edit must leave alone (never "
-                           "measured on; must not overlap --check, --locality or the failures). Default for the "
-                           "embedded model: its 1,000 bundled training images.")
-NoPreserveOpt = typer.Option(False, "--no-preserve", help="Use no preserve set, even the bundled one.")
+                           "measured on; must not overlap --check, --locality or the failures); 'none' = no preserve set. "
+                           "Default for the embedded model: its bundled training images.")
+NoPreserveOpt = typer.Option(False, "--no-preserve", hidden=True, help="Same as --preserve none.")
 CheckOpt = typer.Option(None, "--check", help="Labeled folder (one sub-folder per class) of ordinary images to measure "
-                        "the accuracy drop and flip rate on. Default for the embedded model: its bundled 1,000-image test sample.")
-NoCheckOpt = typer.Option(False, "--no-check", help="Measure no check set, even the bundled one.")
-PreserveWeightOpt = typer.Option(None, "--preserve-weight", help="Weight of KL(base || edited) on the preserve set (local default 3; 0 = off).")
-NullspaceOpt = typer.Option(None, "--nullspace", help="Relative eigenvalue threshold of the null-space projection, "
-                            "e.g. 0.1 (larger = looser), or 'off'.")
-StopMarginOpt = typer.Option(None, "--stop-margin", help="Stop once every edit image's true class leads by this "
-                             "probability margin, e.g. 0.2; 'off' = the paper's loss <= 0.01.")
-PreserveBatchOpt = typer.Option(None, "--preserve-batch", help="Preserve images per step for the preservation term (local default 32; fewer is faster, see docs/performance.md).")
-AugmentOpt = typer.Option(None, "--augment", help="Shifted/mirrored views of each edit image fitted per step (0 = none).")
-AnchorWeightOpt = typer.Option(None, "--anchor-weight", help="With --on-top: how strongly the earlier edits' images keep "
-                               "the stacked model's predictions (local default 3; 0 = not held).")
-AnchorViewsOpt = typer.Option(None, "--anchor-views", help="With --on-top: also hold this many shifted / mirrored views "
-                              "of each earlier edit image (default 0).")
-DisjointOpt = typer.Option(False, "--disjoint", help="With --on-top: choose only units that no earlier edit changed, "
-                           "so every edit of the stack stays revertible on its own.")
+                        "the accuracy drop and flip rate on; 'none' = no check set. Default for the embedded model: its "
+                        "bundled test sample.")
+NoCheckOpt = typer.Option(False, "--no-check", hidden=True, help="Same as --check none.")
+# The editor's research knobs: hidden (kept for scripts); the documented way to set them is --config.
+PreserveWeightOpt = typer.Option(None, "--preserve-weight", hidden=True, help="Config key preserve_weight.")
+NullspaceOpt = typer.Option(None, "--nullspace", hidden=True, help="Config key nullspace_threshold (a number or 'off').")
+StopMarginOpt = typer.Option(None, "--stop-margin", hidden=True, help="Config key stop_margin (a number or 'off').")
+PreserveBatchOpt = typer.Option(None, "--preserve-batch", hidden=True, help="Config key preserve_batch.")
+AugmentOpt = typer.Option(None, "--augment", hidden=True, help="Config key augment.")
+AnchorWeightOpt = typer.Option(None, "--anchor-weight", hidden=True, help="Config key anchor_weight.")
+AnchorViewsOpt = typer.Option(None, "--anchor-views", hidden=True, help="Config key anchor_views.")
+MaxStepsOpt = typer.Option(None, "--max-steps", hidden=True, help="Config key max_steps.")
+LrOpt = typer.Option(None, "--lr", hidden=True, help="Config key lr.")
+DisjointOpt = typer.Option(False, "--disjoint", hidden=True, help="With --on-top: choose only units that no earlier edit "
+                           "changed, so every edit of the stack stays revertible on its own.")
 OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
                         "instead of from the base model; every earlier edit is re-measured.")
+HoldoutOpt = typer.Option(None, "--holdout", hidden=True, help="Share of failures held out for generalization (default: as in locate).")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
 
 
@@ -280,24 +309,12 @@ def locate(
 def apply(
     sparsity: str = typer.Option("0.05", "--sparsity", "-s", help="Fraction of units to EDIT (density), e.g. 0.05 edits the top 5% of units "
                                  "(the paper calls 1 - this the sparsity); 'auto' picks it by the report's rule on a validation half of the held-out failures."),
-    objective: str = ObjectiveOpt,
+    editor: Optional[str] = EditorOpt,
+    config: Optional[Path] = ConfigOpt,
     on_top: bool = OnTopOpt,
-    disjoint: bool = DisjointOpt,
     preserve: Optional[Path] = PreserveOpt,
-    no_preserve: bool = NoPreserveOpt,
     check: Optional[Path] = CheckOpt,
-    no_check: bool = NoCheckOpt,
-    preserve_weight: Optional[float] = PreserveWeightOpt,
-    nullspace: Optional[str] = NullspaceOpt,
-    stop_margin: Optional[str] = StopMarginOpt,
-    augment: Optional[int] = AugmentOpt,
-    preserve_batch: Optional[int] = PreserveBatchOpt,
-    anchor_weight: Optional[float] = AnchorWeightOpt,
-    anchor_views: Optional[int] = AnchorViewsOpt,
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Most optimizer steps (plain 100, local 200)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (RMSprop). Default: the model's recommended value, else 2e-5 (the paper's)."),
     max_accuracy_drop: float = MaxDropOpt,
-    holdout: Optional[float] = typer.Option(None, "--holdout", help="Share of failures held out for generalization (default: as in locate)."),
     generalization: Optional[Path] = typer.Option(None, "--generalization", help="Measure generalization on this labeled folder instead; all failures are edited."),
     locality: Optional[Path] = typer.Option(None, "--locality", help="Folder of images whose predictions must not change (see `vitedit sensitive`). Default for the embedded model: its bundled sensitive set."),
     skip_bad_images: bool = SkipBadOpt,
@@ -306,16 +323,30 @@ def apply(
     seed: Optional[int] = typer.Option(None, "--seed", help="Split seed (default: as in locate)."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    objective: Optional[str] = ObjectiveOpt,
+    no_preserve: bool = NoPreserveOpt,
+    no_check: bool = NoCheckOpt,
+    disjoint: bool = DisjointOpt,
+    holdout: Optional[float] = HoldoutOpt,
+    preserve_weight: Optional[float] = PreserveWeightOpt,
+    nullspace: Optional[str] = NullspaceOpt,
+    stop_margin: Optional[str] = StopMarginOpt,
+    augment: Optional[int] = AugmentOpt,
+    preserve_batch: Optional[int] = PreserveBatchOpt,
+    anchor_weight: Optional[float] = AnchorWeightOpt,
+    anchor_views: Optional[int] = AnchorViewsOpt,
+    max_steps: Optional[int] = MaxStepsOpt,
+    lr: Optional[float] = LrOpt,
 ) -> None:
     """Edit only the top units, then measure success, generalization, locality and the accuracy drop; save the patch."""
-    from .pipeline import ApplyConfig, ExperimentOptions, run_apply
+    from .pipeline import ApplyConfig, run_apply
 
     ui = UI(as_json, quiet)
-    experiment = ExperimentOptions(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
-                                                preserve_batch, anchor_weight, anchor_views),
-                                   holdout, generalization, locality, seed, device, skip_bad_images, objective=objective,
-                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
-                                   on_top=on_top, disjoint=disjoint)
+    experiment = _experiment(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
+                                          preserve_batch, anchor_weight, anchor_views),
+                             config, editor, objective, preserve, no_preserve, check, no_check, holdout=holdout,
+                             generalization=generalization, locality=locality, seed=seed, device=device,
+                             skip_bad_images=skip_bad_images, on_top=on_top, disjoint=disjoint)
     cfg = ApplyConfig(workspace, _sparsity(sparsity), experiment, max_accuracy_drop)
     with ui.progress() as progress:
         res = run_apply(cfg, progress)
@@ -371,45 +402,47 @@ def _apply_rows(res: dict) -> list[list]:
 @app.command()
 def report(
     sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities", help="Fractions of units to edit."),
-    preserve_weights: str = typer.Option("1,3,10", "--preserve-weights", help="Preservation weights swept with the local objective."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of generalization vs accuracy drop and locality."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: the plot, the figures, and "
                                         "galleries of the images the edit fixed, left wrong and changed."),
     max_accuracy_drop: float = MaxDropOpt,
-    min_locality: float = typer.Option(0.9, "--min-locality", help="Without a check set: recommend the best generalization with at least this locality."),
-    objective: str = ObjectiveOpt,
+    editor: Optional[str] = EditorOpt,
+    config: Optional[Path] = ConfigOpt,
     on_top: bool = OnTopOpt,
-    disjoint: bool = DisjointOpt,
     preserve: Optional[Path] = PreserveOpt,
-    no_preserve: bool = NoPreserveOpt,
     check: Optional[Path] = CheckOpt,
+    generalization: Optional[Path] = typer.Option(None, "--generalization", help="Measure generalization on this labeled folder instead; all failures are edited."),
+    locality: Optional[Path] = typer.Option(None, "--locality", help="Folder of images whose predictions must not change (see `vitedit sensitive`). Default for the embedded model: its bundled sensitive set."),
+    skip_bad_images: bool = SkipBadOpt,
+    workspace: Path = WorkspaceOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    preserve_weights: str = typer.Option("1,3,10", "--preserve-weights", hidden=True, help="Preservation weights swept with the local editor."),
+    plot: Optional[Path] = typer.Option(None, "--plot", hidden=True, help="Write a PNG of generalization vs accuracy drop and locality."),
+    min_locality: float = typer.Option(0.9, "--min-locality", hidden=True, help="Without a check set: recommend the best generalization with at least this locality."),
+    seed: Optional[int] = typer.Option(None, "--seed", hidden=True, help="Split seed (default: as in locate)."),
+    objective: Optional[str] = ObjectiveOpt,
+    no_preserve: bool = NoPreserveOpt,
     no_check: bool = NoCheckOpt,
+    disjoint: bool = DisjointOpt,
+    holdout: Optional[float] = HoldoutOpt,
     nullspace: Optional[str] = NullspaceOpt,
     stop_margin: Optional[str] = StopMarginOpt,
     augment: Optional[int] = AugmentOpt,
     anchor_weight: Optional[float] = AnchorWeightOpt,
     anchor_views: Optional[int] = AnchorViewsOpt,
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    holdout: Optional[float] = typer.Option(None, "--holdout"),
-    generalization: Optional[Path] = typer.Option(None, "--generalization"),
-    locality: Optional[Path] = typer.Option(None, "--locality"),
-    skip_bad_images: bool = SkipBadOpt,
-    workspace: Path = WorkspaceOpt,
-    device: str = DeviceOpt,
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    as_json: bool = JsonOpt,
-    quiet: bool = QuietOpt,
+    max_steps: Optional[int] = MaxStepsOpt,
+    lr: Optional[float] = LrOpt,
 ) -> None:
     """Sweep sparsities and preservation weights (with random masks for contrast) and recommend one."""
-    from .pipeline import ExperimentOptions, ReportConfig, run_report
+    from .pipeline import ReportConfig, run_report
 
     ui = UI(as_json, quiet)
-    experiment = ExperimentOptions(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
-                                                anchor_weight=anchor_weight, anchor_views=anchor_views), holdout,
-                                   generalization, locality, seed, device, skip_bad_images, objective=objective,
-                                   preserve=preserve, check=check, no_preserve=no_preserve, no_check=no_check,
-                                   on_top=on_top, disjoint=disjoint)
+    experiment = _experiment(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
+                                          anchor_weight=anchor_weight, anchor_views=anchor_views),
+                             config, editor, objective, preserve, no_preserve, check, no_check, holdout=holdout,
+                             generalization=generalization, locality=locality, seed=seed, device=device,
+                             skip_bad_images=skip_bad_images, on_top=on_top, disjoint=disjoint)
     cfg = ReportConfig(workspace, _floats(sparsities, "--sparsities"), min_locality, plot, experiment,
                        _floats(preserve_weights, "--preserve-weights"), max_accuracy_drop, html,
                        " ".join(["vitedit", *sys.argv[1:]]) if sys.argv and "vitedit" in sys.argv[0] else "vitedit report")
@@ -682,7 +715,8 @@ def demo(
     out: Path = typer.Option(Path("vitedit-demo"), "--out", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
     sparsity: float = typer.Option(0.05, "--sparsity", help="Fraction of units to edit."),
     edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
-    objective: str = ObjectiveOpt,
+    editor: Optional[str] = EditorOpt,
+    objective: Optional[str] = ObjectiveOpt,
     sparsities: str = typer.Option("0.05,0.25", "--sparsities", help="The report step's sparsities."),
     preserve_weights: str = typer.Option("1,3", "--preserve-weights", help="The report step's preservation weights."),
     device: str = DeviceOpt,
@@ -698,7 +732,7 @@ def demo(
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
         res = run_demo(DemoConfig(group, out, sparsity, _floats(sparsities, "--sparsities"), device=device, seed=seed,
-                                  edit_images=edit_images, objective=objective,
+                                  edit_images=edit_images, objective=_editor(editor, objective),
                                   preserve_weights=_floats(preserve_weights, "--preserve-weights"), case=case), progress)
     if as_json:
         return ui.emit_json(res)
