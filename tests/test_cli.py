@@ -590,6 +590,35 @@ def test_apply_and_report_show_at_most_15_options():
         assert len(_visible_options(commands[name])) <= 15, _visible_options(commands[name])
 
 
+def test_every_visible_parameter_has_help_text():
+    for name, command in _commands().items():
+        assert (command.help or "").strip(), name
+        for p in command.params:
+            if not getattr(p, "hidden", False):
+                assert (getattr(p, "help", None) or "").strip(), f"{name} {p.name}"
+
+
+def _documented(section: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    return text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_docs_list_every_visible_option_of_every_command_and_nothing_else():
+    documented = {m.group(1): set(re.findall(r"`(--[a-z0-9-]+)`", m.group(2)))
+                  for m in re.finditer(r"^- `([a-z-]+)`: (.*)$", _documented("Options by command"), re.M)}
+    actual = {name: {next(o for o in p.opts if o.startswith("--")) for p in command.params
+                     if getattr(p, "param_type_name", "") == "option" and not getattr(p, "hidden", False)}
+              for name, command in _commands().items()}
+    assert documented == actual
+
+
+def test_docs_describe_every_config_key():
+    from vitedit.config_file import config_keys
+
+    documented = set(re.findall(r"^- `([a-z_]+)`:", _documented("The editor's config file"), re.M))
+    assert documented == set(config_keys())
+
+
 def test_config_file_sets_the_editor_and_lands_in_the_provenance(tmp_path, tiny_weights, labels_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
     failures = write_images(tmp_path / "failures", {"cat": 4, "dog": 4, "ship": 4}, seed=3)

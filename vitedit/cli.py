@@ -42,6 +42,12 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mp
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 SkipBadOpt = typer.Option(False, "--skip-bad-images", help="Continue without unreadable images (they are listed).")
+SeedOpt = typer.Option(0, "--seed", help="Random seed (held-out split, random masks, sampling).")
+ModelOpt = typer.Option(None, "--model", "-m", help="timm model name (with tag), hf-hub:/local-dir: name. "
+                        "Default: the embedded vitedit/fashion-vit.")
+WeightsOpt = typer.Option(None, "--weights", help="Local weights file for --model (safetensors or a weights-only torch state dict).")
+LabelsOpt = typer.Option(None, "--labels", help="Class names, one per line (when the model has none).")
+OfflineOpt = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
 ImgSizeOpt = typer.Option(None, "--img-size", help="With --weights: the image size (px) the file was trained at. "
                           "Default: read from its position embedding.")
 
@@ -269,7 +275,7 @@ def locate(
     skip_bad_images: bool = SkipBadOpt,
     workspace: Path = WorkspaceOpt,
     device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -488,7 +494,7 @@ def export(
     atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |ONNX - PyTorch| logit difference (--format onnx; "
                                "a timm folder must match bit for bit)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="With --base and no workspace: the model to export."),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
+    weights: Optional[Path] = WeightsOpt,
     img_size: Optional[int] = ImgSizeOpt,
     workspace: Path = WorkspaceOpt,
     as_json: bool = JsonOpt,
@@ -528,10 +534,10 @@ def sensitive(
     images: Path = typer.Argument(..., help="Labeled folder (one sub-folder per true class) of in-distribution images."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to copy the sensitive images into (must not hold files of the same names)."),
     margin: float = typer.Option(0.05, "--margin", help="Keep correct images whose top-2 probability gap is below this."),
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
+    model: Optional[str] = ModelOpt,
+    weights: Optional[Path] = WeightsOpt,
     img_size: Optional[int] = ImgSizeOpt,
-    labels: Optional[Path] = typer.Option(None, "--labels"),
+    labels: Optional[Path] = LabelsOpt,
     skip_bad_images: bool = SkipBadOpt,
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
@@ -570,7 +576,7 @@ def env(as_json: bool = JsonOpt) -> None:
 def pull(
     name: str = typer.Argument(..., help="Registry name or URL (http(s)://, hf://owner/repo@rev/file)."),
     sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected sha256 (required for URLs)."),
-    offline: bool = typer.Option(False, "--offline"),
+    offline: bool = OfflineOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -590,12 +596,12 @@ def pull(
 def meta_train_cmd(
     data: Path = typer.Option(..., "--data", help="Folder of in-distribution images (any layout; labels are not used)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the embedded vitedit/fashion-vit."),
-    weights: Optional[Path] = typer.Option(None, "--weights"),
+    weights: Optional[Path] = WeightsOpt,
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks to learn masks for (default: the paper's placement)."),
     steps: int = typer.Option(2000, "--steps", help="Meta-batches."),
     batch: int = typer.Option(8, "--batch", help="Pseudo-samples per meta-batch (per process)."),
-    inner_steps: int = typer.Option(5, "--inner-steps"),
-    outer_steps: int = typer.Option(10, "--outer-steps"),
+    inner_steps: int = typer.Option(5, "--inner-steps", help="Soft-masked SGD steps of each pseudo-edit."),
+    outer_steps: int = typer.Option(10, "--outer-steps", help="Hypernetwork updates per meta-batch."),
     inner_lr: float = typer.Option(1e-3, "--inner-lr", help="Soft-masked SGD step of the pseudo-edit (paper: 1e-3 for ViT-B/16)."),
     sparsity_weight: float = typer.Option(1.0, "--sparsity-weight", help="lambda on the mean mask in the outer loss."),
     locality_weight: float = typer.Option(
@@ -606,22 +612,22 @@ def meta_train_cmd(
         0.0, "--generalization-weight",
         help="Weight of a generalization term in the outer loss: the KL left, after the pseudo-edit, on another image "
              "of the same predicted class given the same corruption (0: the paper's objective)."),
-    hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr"),
+    hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr", help="The hypernetwork's learning rate."),
     prior_weight: float = typer.Option(
         0.0, "--prior-weight",
         help="Score units by how much more they are picked for the failure than for clean images: score minus this "
              "weight times the unit's mean score over --prior-images training images (0: the paper's score). "
              "With --resume on a finished run, only the prior is computed."),
-    prior_images: int = typer.Option(2000, "--prior-images"),
+    prior_images: int = typer.Option(2000, "--prior-images", help="Clean training images the --prior-weight prior is averaged over."),
     pseudo: str = typer.Option(
         "cutmix", "--pseudo",
         help="Pseudo-failures: cutmix (a donor's patch-aligned box, the paper), shift (a whole-image warp and "
              "contrast change), or mix (each sample one of the two)."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Meta-batches between checkpoints in --out."),
     out: Path = typer.Option(Path("hypernet"), "--out", help="Folder for checkpoints and the final hypernet.safetensors."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -663,7 +669,7 @@ def examples(
     img_size: int = typer.Option(112, "--img-size", help="With --build: the image size (px, a multiple of 14)."),
     force: bool = typer.Option(False, "--force", help="With --build: replace a different existing build."),
     device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -720,7 +726,7 @@ def demo(
     sparsities: str = typer.Option("0.05,0.25", "--sparsities", help="The report step's sparsities."),
     preserve_weights: str = typer.Option("1,3", "--preserve-weights", help="The report step's preservation weights."),
     device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     case: Optional[str] = typer.Option(None, "--case", help="A built case (dinov2-fashion, see `vitedit examples "
                                        "--build`) instead of the embedded default: its model, groups and sets."),
     as_json: bool = JsonOpt,
@@ -781,7 +787,7 @@ def benchmark(
              "hypernetwork's training target computed on the edit images with their labels) and group-gradient "
              "(gradient masks from every failure of the group, held-out ones included: an upper bound)."),
     edit_images: str = typer.Option("1,3", "--edit-images", help="Images per edit (1 = the paper's protocol)."),
-    sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities"),
+    sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities", help="Fractions of units to edit."),
     edits_per_group: int = typer.Option(5, "--edits-per-group", help="Edits per group and setting."),
     hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
     locality: Optional[Path] = typer.Option(
@@ -790,10 +796,10 @@ def benchmark(
         None, "--check", help="Labeled check folder for the accuracy drop and flip rate. Default: the bundled 1,000-image test sample."),
     preserve: Optional[Path] = typer.Option(None, "--preserve", help="The local editor's preserve set. Default: the bundled one."),
     local_sparsities: Optional[str] = typer.Option(None, "--local-sparsities", help="The local methods' sparsities (default: --sparsities)."),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    max_steps: int = typer.Option(100, "--max-steps"),
-    out: Path = typer.Option(Path("benchmark-results"), "--out"),
-    seed: int = typer.Option(0, "--seed"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (default: the model's recommended value)."),
+    max_steps: int = typer.Option(100, "--max-steps", help="Most optimizer steps of the plain editor."),
+    out: Path = typer.Option(Path("benchmark-results"), "--out", help="Folder for results.json, edits.csv, summary.csv and the plot."),
+    seed: int = SeedOpt,
     compare: Optional[Path] = typer.Option(
         None, "--compare", help="A published results.json: check that every mean of this run lies within its 95% CI."),
     sequential: bool = typer.Option(False, "--sequential", help="Many edits in one model instead: every group edited one "
