@@ -624,7 +624,7 @@ def meta_train_cmd(
         help="Pseudo-failures: cutmix (a donor's patch-aligned box, the paper), shift (a whole-image warp and "
              "contrast change), or mix (each sample one of the two)."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Meta-batches between checkpoints in --out."),
-    out: Path = typer.Option(Path("hypernet"), "--out", help="Folder for checkpoints and the final hypernet.safetensors."),
+    out: Path = typer.Option(Path("hypernet"), "--out", "-o", help="Folder for checkpoints and the final hypernet.safetensors."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
@@ -718,13 +718,13 @@ def examples(
 @app.command()
 def demo(
     group: Optional[str] = typer.Option(None, "--group", help="Bundled failure group (see `vitedit examples`); default: the largest."),
-    out: Path = typer.Option(Path("vitedit-demo"), "--out", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
-    sparsity: float = typer.Option(0.05, "--sparsity", help="Fraction of units to edit."),
+    out: Path = typer.Option(Path("vitedit-demo"), "--out", "-o", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
+    sparsity: str = typer.Option("0.05", "--sparsity", "-s", help="Fraction of units to edit, or 'auto' (as in apply)."),
     edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
     editor: Optional[str] = EditorOpt,
     objective: Optional[str] = ObjectiveOpt,
     sparsities: str = typer.Option("0.05,0.25", "--sparsities", help="The report step's sparsities."),
-    preserve_weights: str = typer.Option("1,3", "--preserve-weights", help="The report step's preservation weights."),
+    preserve_weights: str = typer.Option("1,3", "--preserve-weights", hidden=True, help="The report step's preservation weights."),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
     case: Optional[str] = typer.Option(None, "--case", help="A built case (dinov2-fashion, see `vitedit examples "
@@ -737,7 +737,7 @@ def demo(
 
     ui = UI(as_json, quiet)
     with ui.progress() as progress:
-        res = run_demo(DemoConfig(group, out, sparsity, _floats(sparsities, "--sparsities"), device=device, seed=seed,
+        res = run_demo(DemoConfig(group, out, _sparsity(sparsity), _floats(sparsities, "--sparsities"), device=device, seed=seed,
                                   edit_images=edit_images, objective=_editor(editor, objective),
                                   preserve_weights=_floats(preserve_weights, "--preserve-weights"), case=case), progress)
     if as_json:
@@ -786,8 +786,10 @@ def benchmark(
              "local-random (those masks with the local editor), and two diagnostics not run by default: bilevel (the "
              "hypernetwork's training target computed on the edit images with their labels) and group-gradient "
              "(gradient masks from every failure of the group, held-out ones included: an upper bound)."),
-    edit_images: str = typer.Option("1,3", "--edit-images", help="Images per edit (1 = the paper's protocol)."),
-    sparsities: str = typer.Option("0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities", help="Fractions of units to edit."),
+    edit_sizes: Optional[str] = typer.Option(None, "--edit-sizes", help="Comma-separated images per edit (1 = the paper's "
+                                             "protocol). Default: 1,3; with --sequential: 10."),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", help="Comma-separated fractions of units to edit. "
+                                             "Default: 0.01,0.02,0.05,0.1,0.25,0.5; with --sequential: 0.05."),
     edits_per_group: int = typer.Option(5, "--edits-per-group", help="Edits per group and setting."),
     hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
     locality: Optional[Path] = typer.Option(
@@ -798,7 +800,8 @@ def benchmark(
     local_sparsities: Optional[str] = typer.Option(None, "--local-sparsities", help="The local methods' sparsities (default: --sparsities)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (default: the model's recommended value)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Most optimizer steps of the plain editor."),
-    out: Path = typer.Option(Path("benchmark-results"), "--out", help="Folder for results.json, edits.csv, summary.csv and the plot."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the results. Default: benchmark-results, "
+                                       "with --sequential: benchmark-sequential."),
     seed: int = SeedOpt,
     compare: Optional[Path] = typer.Option(
         None, "--compare", help="A published results.json: check that every mean of this run lies within its 95% CI."),
@@ -814,18 +817,23 @@ def benchmark(
                                   "an earlier edit changed."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    edit_images: Optional[str] = typer.Option(None, "--edit-images", hidden=True, help="Old spelling of --edit-sizes."),
 ) -> None:
     """The paper's comparison (learned vs random vs gradient masks vs L1/L2 fine-tuning) on the default model."""
     from .benchmark import METRICS, BenchmarkConfig, format_ci, run_benchmark
 
     ui = UI(as_json, quiet)
+    if edit_sizes is not None and edit_images is not None:
+        raise UsageError("give --edit-sizes only (--edit-images is its old spelling in benchmark)")
+    edit_sizes = edit_sizes if edit_sizes is not None else edit_images
     if sequential:
-        return _sequential(ui, groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
+        return _sequential(ui, groups, edit_sizes, orders, editors, out, seed, check, preserve, locality, sparsities,
                            anchor_weight, anchor_views, disjoint)
     cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
                           tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          tuple(int(k) for k in _floats(edit_images, "--edit-images")),
-                          _floats(sparsities, "--sparsities"), edits_per_group=edits_per_group, out=out, seed=seed,
+                          tuple(int(k) for k in _floats(edit_sizes or "1,3", "--edit-sizes")),
+                          _floats(sparsities or "0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities"),
+                          edits_per_group=edits_per_group, out=out or Path("benchmark-results"), seed=seed,
                           lr=lr, max_steps=max_steps, hypernet=hypernet, compare_to=compare,
                           locality=locality, check=check, preserve=preserve,
                           local_sparsities=_floats(local_sparsities, "--local-sparsities") if local_sparsities else None)
@@ -920,12 +928,12 @@ def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check
                 anchor_weight=None, anchor_views=None, disjoint=False) -> None:
     from .sequential import SequentialConfig, run_sequential
 
-    images = _floats(edit_images, "--edit-images")
-    sparsity = _floats(sparsities, "--sparsities")
+    # given or not is None or not: an explicit --edit-sizes 1,3 is honoured (its first value)
+    images = _floats(edit_images, "--edit-sizes") if edit_images is not None else (10,)
+    sparsity = _floats(sparsities, "--sparsities") if sparsities is not None else (0.05,)
     cfg = SequentialConfig(tuple(e.strip() for e in editors.split(",") if e.strip()),
-                           int(images[0]) if edit_images != "1,3" else 10, orders,
-                           sparsity[0] if sparsities != "0.01,0.02,0.05,0.1,0.25,0.5" else 0.05, seed,
-                           out if str(out) != "benchmark-results" else Path("benchmark-sequential"), check, preserve,
+                           int(images[0]), orders, sparsity[0], seed,
+                           out if out is not None else Path("benchmark-sequential"), check, preserve,
                            locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None,
                            anchor_weight=anchor_weight, anchor_views=anchor_views, disjoint=disjoint)
     with ui.progress() as progress:
