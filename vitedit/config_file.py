@@ -28,6 +28,28 @@ def config_keys() -> dict[str, Any]:
 
 def read_edit_config(path: Path) -> dict[str, Any]:
     """The overrides a ``--config`` TOML file gives, checked key by key (``UsageError`` naming the key)."""
+    return check_overrides(_load(path), str(path))
+
+
+def meta_train_keys() -> dict[str, Any]:
+    """``{key: default}`` for ``meta-train --config``: the ``MetaTrainConfig`` fields (``--seed`` sets the seed)."""
+    from .metatrain import MetaTrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(MetaTrainConfig) if f.name != "seed"}
+
+
+def read_meta_train_config(path: Path) -> dict[str, Any]:
+    """``meta-train --config``'s overrides, checked key by key like the editor's."""
+    keys, source = meta_train_keys(), str(path)
+    out = {}
+    for key, value in _load(path).items():
+        if key not in keys:
+            raise UsageError(f"--config {source}: unknown key {key!r}; the keys are {', '.join(keys)}")
+        out[key] = _check_value(key, value, keys[key], source)
+    return out
+
+
+def _load(path: Path) -> dict[str, Any]:
     import tomllib
 
     try:
@@ -37,7 +59,7 @@ def read_edit_config(path: Path) -> dict[str, Any]:
         raise UsageError(f"--config {path}: no such file") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"--config {path}: not a readable TOML file ({e})") from None
-    return check_overrides(table, str(path))
+    return table
 
 
 def check_overrides(table: dict[str, Any], source: str) -> dict[str, Any]:
