@@ -364,3 +364,15 @@ def test_a_plateau_stops_an_edit_the_loss_rule_would_run_to_its_step_limit(model
     by_plateau = edit(model, mask, images, labels, replace(cfg, plateau=5), preserve=preserve)
     assert by_loss.steps == 150 and not by_loss.converged
     assert by_plateau.converged and by_plateau.edit_accuracy == 1.0 and by_plateau.steps < 150
+
+
+def test_with_a_plateau_the_loss_rule_no_longer_ends_the_edit(model, data, sites, preserve):
+    """The paper's loss rule can end an edit as soon as a large step reaches its threshold, before a
+    preservation term has acted; with a plateau window only the plateau ends it."""
+    images, labels = data
+    mask = make_mask(sites, density=0.25)
+    cfg = EditConfig(lr=3e-3, max_steps=60, loss_threshold=1.0, preserve_weight=3.0, preserve_batch=8)
+    by_loss = edit(model, mask, images, labels, cfg, preserve=preserve)
+    by_plateau = edit(model, mask, images, labels, replace(cfg, plateau=3), preserve=preserve)
+    assert by_loss.converged and by_loss.steps < 60
+    assert by_plateau.steps > by_loss.steps

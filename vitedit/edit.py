@@ -79,8 +79,10 @@ class EditConfig:
       the rest from the whole set (an edit can also flip a confident image of another class).
     - ``anchor_batch``: hold this many anchor images per step (a seeded permutation, reshuffled
       when used up) instead of all of them, so an edit on top of many costs what the first did.
-    - ``plateau``: also stop (every edit image right) once the fitted loss's mean over the last
-      ``plateau`` steps is above 95% of its mean over the ``plateau`` steps before (0 = off).
+    - ``plateau``: instead of the paper's loss rule, stop (every edit image right) once the fitted
+      loss's mean over the last ``plateau`` steps is above 95% of its mean over the ``plateau`` steps
+      before (0 = off). The loss rule could end an edit after its first step, before a preservation
+      term has any gradient.
     """
 
     lr: float = 2e-5
@@ -424,7 +426,11 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
         losses.append(float(loss.detach()))
         correct = logits.argmax(-1) == labels
         fits.append(float((loss_fit if config.augment else loss).detach()))
-        if bool(correct.all()) and (_stop(logits.detach(), labels, losses[-1], config) or _plateaued(fits, config.plateau)):
+        # with a plateau window the plateau alone ends the edit: the paper's loss rule could stop it after
+        # one step, before a preservation term (zero gradient at the base weights) has acted at all
+        done = (_plateaued(fits, config.plateau) if config.plateau and config.stop_margin is None
+                else _stop(logits.detach(), labels, losses[-1], config))
+        if bool(correct.all()) and done:
             converged = True
             break
         if steps == config.max_steps:
