@@ -19,7 +19,8 @@ from vitedit.edit import EditConfig, edit
 from vitedit.errors import ArtifactError, UsageError
 from vitedit.masks import UnitScores
 from vitedit.models import find_sites, forward_prefix, site_layer
-from vitedit.stats import PreserveStats, compute_stats, fingerprint, key_moments
+from vitedit.preserve import input_second_moments
+from vitedit.stats import PreserveStats, compute_stats, fingerprint
 
 IDENTITY = {"name": "small-vit", "weights_sha256": "a" * 64}
 
@@ -52,6 +53,16 @@ def mask_of(sites, density=0.1, seed=0):
     return UnitScores(sites, {s.param: torch.rand(s.units, generator=gen) for s in sites}, "random").select(density)
 
 
+def layer_inputs(model, site, images):
+    """The inputs of ``site``'s linear layer on ``images``, one row per token: (N*T, D_in)."""
+    seen = []
+    handle = site_layer(model, site).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
 def test_streamed_statistics_equal_those_computed_at_once(model, sites, images, stats):
     at_once = compute_stats(model, sites, [images], model_identity=IDENTITY, preserve_sha256="f" * 64)
     one_by_one = compute_stats(model, sites, images.split(1), model_identity=IDENTITY, preserve_sha256="f" * 64)
@@ -65,12 +76,7 @@ def test_streamed_statistics_equal_those_computed_at_once(model, sites, images, 
 
 def test_moments_are_those_of_the_layers_inputs_and_gradient_moments_are_psd(model, sites, images, stats):
     for s in sites:
-        seen = []
-        handle = site_layer(model, s).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
-        with torch.no_grad():
-            model(images)
-        handle.remove()
-        x = seen[0].reshape(-1, seen[0].shape[-1]).double()
+        x = layer_inputs(model, s, images).double()
         torch.testing.assert_close(stats.moments[s.param], (x.T @ x / len(x)).float(), rtol=1e-4, atol=1e-4)
         g = stats.grad_moments[s.param].double()
         assert g.shape == (site_layer(model, s).out_features,) * 2
@@ -84,12 +90,7 @@ def test_the_penalty_is_the_mean_squared_output_change_on_preserve_tokens(model,
     forms = stats.quadratic_forms(sites, mask.indices, fisher=False)
     gen = torch.Generator().manual_seed(3)
     for s in sites:
-        seen = []
-        handle = site_layer(model, s).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
-        with torch.no_grad():
-            model(images)
-        handle.remove()
-        x = seen[0].reshape(-1, seen[0].shape[-1])
+        x = layer_inputs(model, s, images)
         idx = mask.indices[s.param]
         w = model.get_parameter(s.param).detach()
         if s.matrix == "fc1":  # rows: dW (k, D) acts on the whole input
@@ -131,8 +132,8 @@ def test_fingerprint_ignores_names_and_order_but_not_content(tmp_path):
 
 def test_the_stacks_moments_do_not_depend_on_the_order_of_the_earlier_images(model, sites, images):
     tokens = forward_prefix(model, images[:12], 1)
-    forward = key_moments(model, sites, tokens, batch_size=5)
-    backward = key_moments(model, sites, tokens.flip(0), batch_size=3)
+    forward = input_second_moments(model, sites, tokens, batch_size=5)
+    backward = input_second_moments(model, sites, tokens.flip(0), batch_size=3)
     for p in forward:
         torch.testing.assert_close(forward[p], backward[p], rtol=1e-6, atol=1e-7)
 

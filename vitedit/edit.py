@@ -298,7 +298,7 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     the edit images alone. ``anchors`` (earlier edits' images, with the current model's
     predictions) are held by ``config.anchor_weight``. ``stats`` (the preserve set's input moments)
     is needed by ``config.stats_weight``; with it, ``anchor_moments`` (param -> the earlier edits'
-    images' input moments, ``stats.key_moments``) take the anchors' place, weighted by
+    images' input moments, ``preserve.input_second_moments``) take the anchors' place, weighted by
     ``config.anchor_weight``. ``progress(step, max_steps, loss)`` is called after every step.
 
     Every objective changes only the free slices, so weights outside the mask stay bit-identical;

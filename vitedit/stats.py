@@ -13,7 +13,7 @@ mean squared output change relative to the layer's mean squared output) to its l
 The pass keeps only running sums in float64, (D_in, D_in) per edited matrix, so memory does not
 grow with the preserve set; the prefix before the first edited block and the blocks after the last
 are not run. A stack of edits is held the same way: the second moments of the earlier edits' images
-(``key_moments``), computed under the *base* weights, are added to ``C``; they are sums, so the
+(``preserve.input_second_moments``), computed under the *base* weights, are added to ``C``; they are sums, so the
 constraint does not depend on the order of the edits and costs the same for the 8th edit as the 1st.
 
 Stored in a workspace as ``preserve-stats.safetensors`` with a JSON sidecar: the model identity, the
@@ -232,17 +232,6 @@ def _accumulate_fisher(model: "nn.Module", sites: Sequence[Site], tokens: "torch
     finally:
         for handle in handles:
             handle.remove()
-
-
-def key_moments(model: "nn.Module", sites: Sequence[Site], tokens: "torch.Tensor", weights: dict | None = None,
-                batch_size: int = 64) -> dict[str, "torch.Tensor"]:
-    """Second moment of every site's inputs over ``tokens`` (N, T, D) entering the first edited block,
-    with ``weights`` (param -> tensor) substituted for the model's own: (D_in, D_in) per site."""
-    sums: dict = {}
-    counts: dict = {}
-    for t in tokens.split(batch_size):
-        _accumulate(model, sites, t, sums, counts, weights)
-    return {p: (sums[p] / counts[p]).float() for p in sums}
 
 
 def compute_stats(model: "nn.Module", sites: Sequence[Site], batches: Iterable["torch.Tensor"], *,

@@ -221,9 +221,9 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
         if note:
             notes.append(note)
         if anchors is not None and stats is not None:  # the earlier edits' images' inputs, under the base weights
-            from ..stats import key_moments
+            from ..preserve import input_second_moments
 
-            anchor_moments = key_moments(loaded.model, sites, anchors.tokens, weights=base_weights)
+            anchor_moments = input_second_moments(loaded.model, sites, anchors.tokens, weights=base_weights)
     if (preserve is None and edit_config.uses_preserve) or (stats is None and edit_config.uses_stats):
         edit_config = edit_config.without_preserve()
         notes.append("no preserve set was given (--preserve DIR: ordinary images of the model's inputs), so nothing "
