@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import vitedit
+from vitedit.evaluate import drop_interval
 from vitedit.errors import ArtifactError, InputDataError, UnsupportedModelError, UsageError
 from vitedit.models import DEFAULT_ASSETS
 
@@ -127,6 +128,8 @@ def test_readme_example_on_the_default_model(tmp_path):
     pred = predictions(model.model, images)
     assert report.accuracy_after == pytest.approx(float((pred == labels).float().mean()), abs=1e-7)
     assert report.flip_rate == pytest.approx(float((pred != base_pred).float().mean()), abs=1e-6)
+    assert report.accuracy_drop_ci95 == drop_interval(base_pred == labels, pred == labels)
+    assert report.resolution_note(0.5) is not None  # 100 check images cannot resolve half a point
 
     path = edit.save(tmp_path / "fix-ankle-boots.safetensors", report)
     edit.revert(model)

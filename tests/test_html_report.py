@@ -231,6 +231,16 @@ def test_header_figures_and_tables(tmp_path, report_data):
     assert "true unknown \u00b7 before cat \u2192 after dog" in body  # locality: label unknown
 
 
+def test_intervals_show_in_the_summary_and_the_figures(tmp_path, report_data):
+    report_data["figures"].update(accuracy_drop_ci95=[-0.2, 1.2], flip_rate_ci95=[0.006, 0.021])
+    out = tmp_path / "report.html"
+    render_report(report_data, out, max_per_gallery=CAP)
+    body = " ".join(parse(out.read_text(encoding="utf-8")).text)
+    assert ("check accuracy 91.0% \u2192 90.5% (\u22120.50 points, 95% CI of the drop \u22120.20 to 1.20 points)"
+            in body)
+    assert "0.6% to 2.1%" in body
+
+
 def test_strings_are_escaped(tmp_path, report_data):
     out = tmp_path / "report.html"
     render_report(report_data, out, max_per_gallery=64)

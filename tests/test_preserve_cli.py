@@ -35,9 +35,20 @@ def test_apply_reports_accuracy_drop_and_flip_rate_and_uses_the_preserve_set(ws)
         assert 0.0 <= res[k] <= 1.0
     assert res["accuracy_drop"] == pytest.approx(100 * (res["accuracy_before"] - res["accuracy_after"]), abs=1e-3)
     assert res["base"]["check_accuracy"] == res["accuracy_before"]
+    lo, hi = res["accuracy_drop_ci95"]
+    assert lo < res["accuracy_drop"] < hi and hi - lo > 10  # 15 images: an interval wider than 10 points
+    lo, hi = res["flip_rate_ci95"]
+    assert lo <= res["flip_rate"] <= hi
     assert not any("nothing held" in n for n in res["notes"])
+    # 15 check images cannot resolve the 0.5-point budget, and apply says so
+    assert any(n.startswith("the check set is too small to resolve a 0.5-point accuracy budget: its 15 images")
+               for n in res["notes"])
     meta = json.loads((ws["ws"] / "patch.json").read_text())
     assert meta["metrics"]["flip_rate"] == res["flip_rate"] and meta["preserve"] == str(ws["preserve"])
+    assert meta["metrics"]["accuracy_drop_ci95"] == res["accuracy_drop_ci95"]
+    code, out, err = cli("apply", "-w", ws["ws"], "--max-steps", "3", "--lr", "1e-3", "--preserve", ws["preserve"],
+                         "--check", ws["check"])
+    assert code == 0 and "95% CI" in out and "check set is too small" in " ".join(err.split())
 
 
 def test_without_a_preserve_set_the_edit_runs_and_says_nothing_held_the_model(ws):

@@ -67,6 +67,14 @@ class Report:
     generalization_images: int = 0
     check_images: int = 0
     locality_images: int = 0
+    accuracy_drop_ci95: tuple[float, float] | None = None  # points, paired over the check images
+    flip_rate_ci95: tuple[float, float] | None = None
+
+    def resolution_note(self, budget_points: float = 0.5) -> str | None:
+        """A sentence when the check set cannot resolve an accuracy drop of ``budget_points``."""
+        from .evaluate import resolution_note
+
+        return resolution_note(self.to_json(), budget_points)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -120,11 +128,12 @@ class Edit:
         ``generalization``: labeled failures not used by the edit (default: the held-out failures of
         ``fix``); ``locality``: unlabeled images whose predictions should not change. Each is a
         folder, tensors or a DataLoader, as for ``Editor.fix``."""
-        from .evaluate import EditMetrics, accuracy, unchanged
+        from .evaluate import EditMetrics, accuracy, check_metrics, unchanged
 
         base = self._base
         weights = self.patch.weights(base.model)
-        success = gen = loc = before = after = flips = None
+        success = gen = loc = None
+        check_fields: dict = {}
         counts = {"edit_images": 0, "generalization_images": 0, "check_images": 0, "locality_images": 0}
         if self._edit_set is not None:
             success = accuracy(base.cache(self._edit_set)[0].predict(weights), self._edit_set.labels)
@@ -142,12 +151,12 @@ class Edit:
         if check is not None:
             images = base.read(check, "check", labeled=True)
             tokens, base_pred = base.cache(images)
-            pred = tokens.predict(weights)
-            before, after = accuracy(base_pred, images.labels), accuracy(pred, images.labels)
-            flips = round(1.0 - unchanged(pred, base_pred), 6)
-            counts["check_images"] = images.size
-        metrics = EditMetrics(success, gen, loc, before, after, flips)
-        return Report(success, gen, loc, before, after, metrics.accuracy_drop, flips, **counts)
+            check_fields = check_metrics(tokens.predict(weights), base_pred, images.labels)
+        metrics = EditMetrics(success, gen, loc, **check_fields)
+        counts["check_images"] = metrics.check_images or 0
+        return Report(success, gen, loc, metrics.accuracy_before, metrics.accuracy_after, metrics.accuracy_drop,
+                      metrics.flip_rate, **counts, accuracy_drop_ci95=metrics.accuracy_drop_ci95,
+                      flip_rate_ci95=metrics.flip_rate_ci95)
 
     def apply(self, model: "nn.Module | LoadedModel") -> None:
         """Write the edit into ``model`` in place (it must hold the weights the edit was made from)."""

@@ -381,7 +381,7 @@ def _interference_table(ui: "UI", res: dict) -> None:
                _pct(e["generalization_at_the_time"]), _pct(e["retained"])] for e in res["interference"]])
     if c.get("accuracy_before") is not None:
         ui.out.print(f"whole stack vs the base model: check accuracy {_pct(c['accuracy_before'])} -> "
-                     f"{_pct(c['accuracy_after'])} (drop {_points(c['accuracy_drop'])}), {_pct(c['flip_rate'])} of "
+                     f"{_pct(c['accuracy_after'])} (drop {_points(c['accuracy_drop'], c.get('accuracy_drop_ci95'))}), {_pct(c['flip_rate'])} of "
                      f"predictions changed; locality {_pct(c.get('locality'))}")
 
 
@@ -400,8 +400,9 @@ def _apply_rows(res: dict) -> list[list]:
             ["locality", "100.0%", _pct(res["locality"]), f"{res['locality_images']} locality images"]]
     if res.get("accuracy_before") is not None:
         rows += [["check accuracy", _pct(res["accuracy_before"]), _pct(res["accuracy_after"]),
-                  f"{res['check_images']} check images: drop {res['accuracy_drop']:.2f} points"],
-                 ["flip rate", "0.0%", _pct(res["flip_rate"]), f"{res['check_images']} check images"]]
+                  f"{res['check_images']} check images: drop {_points(res['accuracy_drop'], res.get('accuracy_drop_ci95'))}"],
+                 ["flip rate", "0.0%", _pct(res["flip_rate"]),
+                  f"{res['check_images']} check images{_pct_ci(res.get('flip_rate_ci95'))}"]]
     return rows
 
 
@@ -462,26 +463,41 @@ def report(
     r = res["recommended"]
     weight = f" --preserve-weight {r['preserve_weight']:g}" if r.get("preserve_weight") else ""
     ui.out.print(f"{'recommended' if r['qualifies'] else 'nothing qualifies; closest'}: --sparsity {r['sparsity']:g}{weight} "
-                 f"({r['rule']}): generalization {_pct(r['generalization'])}, accuracy drop {_points(r['accuracy_drop'])}, "
-                 f"flip rate {_pct(r['flip_rate'])}, locality {_pct(r['locality'])}")
+                 f"({r['rule']}): generalization {_pct(r['generalization'])}, accuracy drop "
+                 f"{_points(r['accuracy_drop'], r.get('accuracy_drop_ci95'))}, flip rate {_pct(r['flip_rate'])}"
+                 f"{_pct_ci(r.get('flip_rate_ci95'))}, locality {_pct(r['locality'])}")
     if res["plot"]:
         ui.out.print(f"plot: {res['plot']}")
     if res.get("html"):
         ui.out.print(f"report: {res['html']}")
 
 
-def _points(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.2f} points"
+def _points(v: Optional[float], ci95: Optional[list] = None) -> str:
+    """"1.30 points (95% CI -0.20 to 2.80)": the drop and, when measured, its paired interval."""
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} points" + ("" if ci95 is None else f" (95% CI {ci95[0]:.2f} to {ci95[1]:.2f})")
+
+
+def _pct_ci(ci95: Optional[list]) -> str:
+    return "" if ci95 is None else f" (95% CI {_pct(ci95[0])} to {_pct(ci95[1])})"
 
 
 def _report_table(ui: "UI", res: dict, title: str | None = None) -> None:
     ui.table(title or f"Trade-off on {res['edit_images']} edit images, {res['holdout_images']} held out, "
              f"{res['check_images']} check images, {res['locality_images']} locality images",
-             ["sparsity", "mask", "preserve weight", "steps", "success", "generalization", "accuracy drop", "flip rate",
-              "locality"],
+             ["sparsity", "mask", "preserve weight", "steps", "success", "generalization", "accuracy drop (95% CI)",
+              "flip rate", "locality"],
              [[f"{p['sparsity']:g}", p["locator"], f"{p['preserve_weight']:g}", p["steps"], _pct(p["success"]),
-               _pct(p["generalization"]), "n/a" if p["accuracy_drop"] is None else f"{p['accuracy_drop']:.2f}",
-               _pct(p["flip_rate"]), _pct(p["locality"])] for p in res["points"]])
+               _pct(p["generalization"]), _drop_cell(p), _pct(p["flip_rate"]), _pct(p["locality"])]
+              for p in res["points"]])
+
+
+def _drop_cell(p: dict) -> str:
+    if p.get("accuracy_drop") is None:
+        return "n/a"
+    ci = p.get("accuracy_drop_ci95")
+    return f"{p['accuracy_drop']:.2f}" + ("" if ci is None else f" ({ci[0]:.2f}, {ci[1]:.2f})")
 
 
 @app.command()
@@ -756,7 +772,7 @@ def demo(
       f"{_pct(app_['generalization'])} on the held-out failures.")
     if app_["accuracy_before"] is not None:
         p(f"   On {app_['check_images']} ordinary test images it was not edited on: accuracy "
-          f"{_pct(app_['accuracy_before'])} -> {_pct(app_['accuracy_after'])} (drop {_points(app_['accuracy_drop'])}), "
+          f"{_pct(app_['accuracy_before'])} -> {_pct(app_['accuracy_after'])} (drop {_points(app_['accuracy_drop'], app_.get('accuracy_drop_ci95'))}), "
           f"{_pct(app_['flip_rate'])} of predictions changed; locality {_pct(app_['locality'])} of "
           f"{app_['locality_images']} fragile images unchanged.")
     r = rep["recommended"]

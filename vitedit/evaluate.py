@@ -156,6 +156,37 @@ def unchanged(pred: "torch.Tensor", base_pred: "torch.Tensor") -> float | None:
     return float((pred.cpu() == base_pred.cpu()).float().mean())
 
 
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def drop_interval(base_right: "torch.Tensor", edit_right: "torch.Tensor") -> tuple[float, float] | None:
+    """95% interval of the accuracy drop in points, paired over the same check images.
+
+    Adjusted Wald interval for a difference of paired proportions (Agresti & Min 2005): half an image
+    is added to each cell of the 2x2 right/wrong table before the usual variance, so an edit that
+    changed nothing still gets an interval of about +-196/n points rather than a false [0, 0]."""
+    n = len(base_right)
+    if n == 0:
+        return None
+    b = float((base_right & ~edit_right).sum()) + 0.5   # right before, wrong after
+    c = float((~base_right & edit_right).sum()) + 0.5   # wrong before, right after
+    m = n + 2.0
+    diff = (b - c) / m
+    var = max(((b + c) / m - diff * diff) / m, 0.0)
+    half = Z95 * var ** 0.5
+    return round(100 * (diff - half), 3), round(100 * (diff + half), 3)
+
+
+def rate_interval(k: int, n: int) -> tuple[float, float] | None:
+    """95% Wilson score interval of a share ``k / n`` (sensible at 0 and at small n)."""
+    if n == 0:
+        return None
+    p, z2 = k / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return round(max(centre - half, 0.0), 6), round(min(centre + half, 1.0), 6)
+
+
 @dataclass(frozen=True)
 class EditMetrics:
     success: float | None
@@ -164,6 +195,9 @@ class EditMetrics:
     accuracy_before: float | None = None  # check set, base model
     accuracy_after: float | None = None   # check set, edited model
     flip_rate: float | None = None        # check set: share whose top-1 changed
+    check_images: int | None = None
+    accuracy_drop_ci95: tuple[float, float] | None = None  # points, paired over the check images
+    flip_rate_ci95: tuple[float, float] | None = None
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -175,7 +209,36 @@ class EditMetrics:
     def to_json(self) -> dict:
         return {"success": self.success, "generalization": self.generalization, "locality": self.locality,
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-                "accuracy_drop": self.accuracy_drop, "flip_rate": self.flip_rate}
+                "accuracy_drop": self.accuracy_drop, "flip_rate": self.flip_rate,
+                "accuracy_drop_ci95": None if self.accuracy_drop_ci95 is None else list(self.accuracy_drop_ci95),
+                "flip_rate_ci95": None if self.flip_rate_ci95 is None else list(self.flip_rate_ci95)}
+
+
+def check_metrics(pred: "torch.Tensor", base_pred: "torch.Tensor", labels: "torch.Tensor") -> dict:
+    """The check-set fields of :class:`EditMetrics`: accuracy before / after, flip rate, their 95%
+    intervals and the number of images."""
+    pred, base_pred, labels = pred.cpu(), base_pred.cpu(), labels.cpu()
+    n = len(labels)
+    flipped = int((pred != base_pred).sum())
+    return {"accuracy_before": accuracy(base_pred, labels), "accuracy_after": accuracy(pred, labels),
+            "flip_rate": None if n == 0 else round(flipped / n, 6), "check_images": n,
+            "accuracy_drop_ci95": drop_interval(base_pred == labels, pred == labels),
+            "flip_rate_ci95": rate_interval(flipped, n)}
+
+
+def resolution_note(metrics: Mapping, budget_points: float | None) -> str | None:
+    """A sentence when the check set is too small to tell an accuracy drop of ``budget_points`` from
+    none: the 95% interval of the drop is wider than the budget on either side. None otherwise."""
+    ci, n = metrics.get("accuracy_drop_ci95"), metrics.get("check_images")
+    if ci is None or not n or budget_points is None or budget_points <= 0:
+        return None
+    half = (ci[1] - ci[0]) / 2
+    if half <= budget_points:
+        return None
+    needed = int(-(-n * (half / budget_points) ** 2 // 100) * 100)  # rounded up to hundreds
+    return (f"the check set is too small to resolve a {budget_points:g}-point accuracy budget: its {n:,} images give "
+            f"the drop a 95% interval of +-{half:.2f} points; a check set of about {needed:,} images would resolve it "
+            f"(--check DIR)")
 
 
 @dataclass
@@ -196,13 +259,10 @@ class EvalSets:
         success = accuracy(self.edit.predict(weights), self.edit_labels)
         gen = accuracy(self.holdout.predict(weights), self.holdout_labels) if self.holdout is not None else None
         loc = unchanged(self.locality.predict(weights), self.locality_base) if self.locality is not None else None
-        before = after = flips = None
+        check = {}
         if self.check is not None:
-            pred = self.check.predict(weights)
-            before, after = accuracy(self.check_base, self.check_labels), accuracy(pred, self.check_labels)
-            same = unchanged(pred, self.check_base)
-            flips = None if same is None else round(1.0 - same, 6)
-        return EditMetrics(success, gen, loc, before, after, flips)
+            check = check_metrics(self.check.predict(weights), self.check_base, self.check_labels)
+        return EditMetrics(success, gen, loc, **check)
 
 
 def sensitive_mask(logits: "torch.Tensor", labels: "torch.Tensor", margin: float = 0.05) -> "torch.Tensor":

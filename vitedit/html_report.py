@@ -306,6 +306,10 @@ def format_value(key: str, value: Any) -> str:
         return "yes" if value else "no"
     if key == "accuracy_drop" and _is_number(value):
         return f"{value:.2f} points"
+    if key.endswith("_ci95") and isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value)):
+        if key == "accuracy_drop_ci95":
+            return f"{value[0]:.2f} to {value[1]:.2f} points"
+        return f"{format_value(key[:-5], value[0])} to {format_value(key[:-5], value[1])}"
     if _is_percent(key) and _is_number(value) and 0 <= value <= 1:
         return _pct(value)
     if isinstance(value, int):
@@ -347,6 +351,8 @@ def summary_line(report: dict) -> str:
         drop = fig.get("accuracy_drop")
         drop = drop if _is_number(drop) else 100 * (before - after)
         change = f"{-drop:+.2f} points".replace("-", "\u2212")
+        if isinstance(ci := fig.get("accuracy_drop_ci95"), (list, tuple)) and len(ci) == 2:
+            change += f", 95% CI of the drop {format_value('accuracy_drop_ci95', ci)}".replace("-", "\u2212")
         cost = f"check accuracy {_pct(before)} \u2192 {_pct(after)} ({change})"
         if (flip := frac("flip_rate")) is not None:
             cost += f", {_pct(flip)} of predictions changed"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import write_json
+from ..evaluate import resolution_note
 from ..masks import validate_density
 from ..workspace import Workspace
 from .common import DEFAULT_SPARSITIES, Progress, _check_max_drop, _noop
@@ -48,15 +49,19 @@ def run_apply(cfg: ApplyConfig, progress: Progress = _noop) -> dict:
                       "seed": job.seed, "edit_images": len(job.edit_rows), "disjoint": job.exclude is not None,
                       "preserve": str(job.preserve_dir) if job.preserve is not None else None,
                       "metrics": {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before",
-                                                         "accuracy_after", "accuracy_drop", "flip_rate")}}
+                                                         "accuracy_after", "accuracy_drop", "flip_rate",
+                                                         "accuracy_drop_ci95", "flip_rate_ci95")}}
         recorded = record_edit(job, patch, point, provenance, progress)
+        info = _sets_info(job)
+        if (note := resolution_note({**point, "check_images": info["check_images"]}, cfg.max_accuracy_drop)):
+            info["notes"].append(note)
         result = {
             **point,
             "edit_lr": job.edit_config.lr,
             "max_steps": job.edit_config.max_steps,
             "edit_config": job.edit_config.to_json(),
             "edit_images": len(job.edit_rows),
-            **_sets_info(job),
+            **info,
             "auto": None if chosen is None else {
                 "rule": chosen["rule"], "qualifies": chosen["qualifies"], "validation_images": len(job.validation.holdout_labels),
                 "candidates": points},

@@ -50,12 +50,15 @@ def _remeasure(job, entry: dict, final: dict) -> dict:
     return out
 
 
+_CHECK_KEYS = ("accuracy_before", "accuracy_after", "accuracy_drop", "flip_rate", "accuracy_drop_ci95", "flip_rate_ci95")
+
+
 def record_edit(job, patch: Patch, point: dict, provenance: dict, progress: Progress = _noop) -> dict:
     """Put ``patch`` on the workspace's stack (``job.stacked`` edits under it, or a fresh history),
     re-measure every earlier edit under the new weights, and write the history, the combined patch
     (``patch.safetensors``) and the edited model. ``job.loaded.model`` is left holding the base weights.
     """
-    from ..evaluate import accuracy, unchanged
+    from ..evaluate import check_metrics, unchanged
 
     ws, loaded = job.ws, job.loaded
     history = History(ws)
@@ -77,14 +80,17 @@ def record_edit(job, patch: Patch, point: dict, provenance: dict, progress: Prog
     # the model this edit started from, so they measure this edit alone).
     sets = job.sets
     cumulative = {"edits": len(stack) + 1}
-    if sets.check is not None:
-        base_pred, pred = sets.check.predict(), sets.check.predict(final)
-        cumulative["accuracy_before"] = accuracy(base_pred, sets.check_labels)
-        cumulative["accuracy_after"] = accuracy(pred, sets.check_labels)
-        cumulative["accuracy_drop"] = round(100 * (cumulative["accuracy_before"] - cumulative["accuracy_after"]), 4)
-        cumulative["flip_rate"] = round(1 - unchanged(pred, base_pred), 6)
-    if sets.locality is not None:
-        cumulative["locality"] = unchanged(sets.locality.predict(final), sets.locality.predict())
+    if not stack:  # one edit from the base model: the whole stack is this edit, measured already
+        if sets.check is not None:
+            cumulative.update({k: point[k] for k in _CHECK_KEYS}, check_images=len(sets.check))
+        if sets.locality is not None:
+            cumulative["locality"] = point["locality"]
+    else:
+        if sets.check is not None:
+            m = check_metrics(sets.check.predict(final), sets.check.predict(), sets.check_labels)
+            cumulative.update(m, accuracy_drop=round(100 * (m["accuracy_before"] - m["accuracy_after"]), 4))
+        if sets.locality is not None:
+            cumulative["locality"] = unchanged(sets.locality.predict(final), sets.locality.predict())
     interference = []
     for i, e in enumerate(data["edits"]):
         progress("re-measuring earlier edits", i, len(data["edits"]))

@@ -11,6 +11,7 @@ from .. import __version__
 from ..artifacts import atomic_path, sha256_file, write_json
 from ..edit import Patch
 from ..errors import UsageError
+from ..evaluate import resolution_note
 from ..masks import validate_density
 from ..workspace import Workspace
 from .common import DEFAULT_SPARSITIES, Progress, _check_max_drop, _noop
@@ -80,7 +81,8 @@ def recommend(points: Sequence[dict], locator: str, max_accuracy_drop: float = M
         qualifies = False
     return {"sparsity": best["sparsity"], "locator": locator, "preserve_weight": best.get("preserve_weight"),
             "rule": rule, "qualifies": qualifies,
-            **{k: best.get(k) for k in ("success", "generalization", "locality", "accuracy_drop", "flip_rate")}}
+            **{k: best.get(k) for k in ("success", "generalization", "locality", "accuracy_drop", "flip_rate",
+                                        "accuracy_drop_ci95", "flip_rate_ci95")}}
 
 
 def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
@@ -93,12 +95,15 @@ def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
                    else [job.edit_config.preserve_weight])
         points = _sweep(job, cfg.sparsities, weights, locators, progress, "sweeping sparsities")
         rec = recommend(points, locator, cfg.max_accuracy_drop, cfg.min_locality)
+        info = _sets_info(job)
+        resolution = resolution_note({**rec, "check_images": info["check_images"]}, cfg.max_accuracy_drop)
+        info["notes"] += [resolution] if resolution else []
         plot = cfg.plot if cfg.plot is not None else (Path(cfg.html).with_suffix(".png") if cfg.html else None)
         result = {
             "model": job.loaded.name,
             "locator": locator,
             "edit_images": len(job.edit_rows),
-            **_sets_info(job),
+            **info,
             "edit_lr": job.edit_config.lr,
             "edit_config": job.edit_config.to_json(),
             "preserve_weights": list(weights),
@@ -113,7 +118,8 @@ def run_report(cfg: ReportConfig, progress: Progress = _noop) -> dict:
             result["plot"] = str(plot)
         if cfg.html is not None:
             progress("writing the HTML report", 0, 1)
-            result["html"] = write_html_report(job, result, Path(cfg.html), cfg.command)
+            result["html"] = write_html_report(job, result, Path(cfg.html), cfg.command, cfg.max_accuracy_drop,
+                                               skip_note=resolution)
             progress("writing the HTML report", 1, 1)
         write_json(ws.path("report.json"), result)
     return result
@@ -170,9 +176,11 @@ def edit_galleries(job: _Job, weights: dict) -> tuple[list[dict], list[dict]]:
     return galleries, per_class
 
 
-def write_html_report(job: _Job, result: dict, out: Path, command: str) -> str:
+def write_html_report(job: _Job, result: dict, out: Path, command: str, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+                      skip_note: str | None = None) -> str:
     """The report page for the workspace's applied edit (what ``export`` ships), or, when nothing was
-    applied yet, for the recommended point of the sweep."""
+    applied yet, for the recommended point of the sweep. ``skip_note``: a note of ``result`` about
+    another point than the one shown (the page states the shown point's own)."""
     from ..html_report import render_report
 
     applied = job.ws.path("patch.safetensors")
@@ -186,7 +194,8 @@ def write_html_report(job: _Job, result: dict, out: Path, command: str) -> str:
         config = replace(job.edit_config, preserve_weight=rec["preserve_weight"] or 0.0)
         point, patch = _edit_and_measure(job, job.state["locator"], rec["sparsity"], config)
         figures = {k: point[k] for k in ("success", "generalization", "locality", "accuracy_before", "accuracy_after",
-                                         "accuracy_drop", "flip_rate", "sparsity", "units_edited", "steps", "objective")}
+                                         "accuracy_drop", "flip_rate", "accuracy_drop_ci95", "flip_rate_ci95",
+                                         "sparsity", "units_edited", "steps", "objective")}
         which = "the recommended point of the sweep (no edit has been applied in this workspace)"
     weights = patch.weights(job.loaded.model)
     galleries, per_class = edit_galleries(job, weights)
@@ -202,7 +211,10 @@ def write_html_report(job: _Job, result: dict, out: Path, command: str) -> str:
             "provenance": provenance, "figures": {**figures, "edit_images": len(job.edit_rows),
                                                   "held_out_failures": result["holdout_images"]},
             "plots": [result["plot"]] if result.get("plot") else [], "labels": list(job.loaded.labels),
-            "galleries": galleries, "per_class": per_class, "notes": list(result.get("notes") or [])}
+            "galleries": galleries, "per_class": per_class,
+            "notes": [n for n in result.get("notes") or [] if n != skip_note]}
+    if (note := resolution_note({**figures, "check_images": result.get("check_images")}, max_accuracy_drop)):
+        data["notes"].append(note)
     render_report(data, out)
     return str(out)
 
