@@ -122,6 +122,10 @@ def test_prefix_then_suffix_equals_the_full_forward(model, start):
     assert tokens.shape == (3, 1 + (32 // 8) ** 2, 64)  # (B, cls + patches, D)
     assert split.shape == (3, 5)
     torch.testing.assert_close(split, full, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        feats, logits = make_suffix(model, start)(tokens, with_features=True)  # one pass, both outputs
+    assert torch.equal(logits, split)
+    torch.testing.assert_close(feats, model.forward_head(model.forward_features(x), pre_logits=True), atol=1e-5, rtol=0)
 
 
 def test_forward_prefix_leaves_no_hook_behind(model):

@@ -160,11 +160,17 @@ def make_suffix(model: "nn.Module", start: int) -> "nn.Module":
             self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(start, len(model.blocks))})
             self.norm = model.norm
             object.__setattr__(self, "_head", model.forward_head)  # not registered: frozen, shared
+            object.__setattr__(self, "_classifier", model.get_classifier())
 
-        def forward(self, tokens: "torch.Tensor", pre_logits: bool = False) -> "torch.Tensor":
+        def forward(self, tokens: "torch.Tensor", pre_logits: bool = False, with_features: bool = False):
+            """(B, N, D) -> (B, classes); ``pre_logits``: the (B, D) features instead;
+            ``with_features``: both, (features, logits), from one pass."""
             for blk in self.blocks.values():
                 tokens = blk(tokens)
-            return self._head(self.norm(tokens), pre_logits=pre_logits)  # (B, N, D) -> (B, classes)
+            if not with_features:
+                return self._head(self.norm(tokens), pre_logits=pre_logits)
+            feats = self._head(self.norm(tokens), pre_logits=True)
+            return feats, self._classifier(feats)
 
     return Suffix()
 

@@ -26,8 +26,8 @@ that the mask selects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import UsageError
 from .models import Site, forward_prefix, make_suffix, site_layer
@@ -43,9 +43,17 @@ class PreserveSet:
 
     tokens: "torch.Tensor"                  # (N, T, D) at blocks[start]
     base_log_probs: "torch.Tensor"          # (N, classes)
-    second_moments: dict[str, "torch.Tensor"]  # site.param -> (D, D) for fc1, (H, H) for fc2
     start: int
     features: "torch.Tensor | None" = None  # (N, D) base pre-logits features, for nearest()
+    _moments: "Callable[[], dict[str, torch.Tensor]] | dict[str, torch.Tensor] | None" = field(default=None, repr=False)
+
+    @property
+    def second_moments(self) -> dict[str, "torch.Tensor"]:
+        """site.param -> (D, D) for fc1, (H, H) for fc2: computed at first use (only the null-space
+        projection needs them; one extra pass over every preserve token)."""
+        if callable(self._moments):
+            self._moments = self._moments()
+        return self._moments
 
     def nearest(self, features: "torch.Tensor", n: int) -> "torch.Tensor":
         """Rows of the ``n`` preserve images closest (cosine, best over the given images) to
@@ -193,8 +201,12 @@ def build_preserve_set(model: "nn.Module", sites: Sequence[Site], images: "torch
 
     start, tokens = _prefix_tokens(model, sites, images, tokens, batch_size)
     suffix = make_suffix(model, start)
+    feats, log_probs = [], []
     with torch.inference_mode():
-        feats = torch.cat([_run(suffix, targets_from, t, pre_logits=True) for t in tokens.split(batch_size)])  # (N, D)
-        log_probs = torch.cat([torch.log_softmax(_run(suffix, targets_from, t), -1) for t in tokens.split(batch_size)])
-    moments = input_second_moments(model, sites, tokens, batch_size, weights=targets_from)
-    return PreserveSet(tokens.clone(), log_probs.clone(), moments, start, feats.clone())
+        for t in tokens.split(batch_size):
+            f, logits = _run(suffix, targets_from, t, with_features=True)  # (B, D), (B, classes)
+            feats.append(f)
+            log_probs.append(torch.log_softmax(logits, -1))
+    tokens = tokens.clone()
+    return PreserveSet(tokens, torch.cat(log_probs).clone(), start, torch.cat(feats).clone(),
+                       lambda: input_second_moments(model, sites, tokens, batch_size, weights=targets_from))

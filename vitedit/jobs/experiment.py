@@ -104,7 +104,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     import torch
 
     from ..data import load_tensors as load_images, scan_labeled, scan_unlabeled
-    from ..evaluate import EvalSets, TokenCache
+    from ..evaluate import EvalSets, TokenCache, accuracy
     from ..history import History, units_changed
 
     holdout, generalization, locality, seed = opts.holdout, opts.generalization, opts.locality, opts.seed
@@ -210,7 +210,9 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     if v_batches is not None:
         val_sets = replace(sets, holdout=TokenCache(loaded.model, start, _stream(v_batches, dev)),
                            holdout_labels=torch.tensor([r.label for r in v_batches.refs], dtype=torch.long, device=dev))
-    base_metrics = replace(sets, locality=None).measure({})  # the base model's locality is 1 by definition
+    # the base model's locality is 1 by definition, and its check predictions are check_base already
+    base_metrics = replace(sets, locality=None, check=None).measure({})
+    base_check_accuracy = accuracy(check_base, check_labels) if check_base is not None else None
     edit_config = resolve_edit_config(loaded, opts.edit, opts.objective)
     notes = [preserve_note] if preserve_note else []
     anchors = None
@@ -233,7 +235,7 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
                 # the unedited model's accuracy on the generalization set is measure({})'s generalization
                 base={"success": base_metrics.success, "generalization": base_metrics.generalization,
                       "holdout_base_accuracy": base_metrics.generalization,
-                      "check_accuracy": base_metrics.accuracy_before},
+                      "check_accuracy": base_check_accuracy},
                 skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
                 edit_images=edit_images, validation=val_sets,
                 refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
