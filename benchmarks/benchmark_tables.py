@@ -1,4 +1,4 @@
-"""Print the markdown tables of docs/benchmark.md from a `vitedit benchmark` results.json.
+"""Print the markdown tables of docs/benchmark.md from a `vitedit-lab compare` results.json.
 
     python benchmarks/benchmark_tables.py docs/benchmark-results/results.json
     python benchmarks/benchmark_tables.py docs/benchmark-results/results.json --hypernet-from other/results.json

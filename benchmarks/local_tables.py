@@ -1,4 +1,4 @@
-"""Tables of the local-edit comparison in docs/benchmark.md, from one or more `vitedit benchmark` runs.
+"""Tables of the local-edit comparison in docs/benchmark.md, from one or more `vitedit-lab compare` runs.
 
 Runs on separate ``--groups`` (or methods) are merged by concatenating their edits: image draws are
 seeded per group and setting, so a run on one group holds exactly the matching rows of a full run.

@@ -1,6 +1,6 @@
 """How many units the bundled groups' hypernetwork masks share on the base model.
 
-Each group's mask is chosen as `vitedit benchmark --sequential` chooses it for a single edit (the same
+Each group's mask is chosen as `vitedit-lab stack` chooses it for a single edit (the same
 seeded 10 edit images, the hypernetwork's scores averaged over them, global top-k at the sparsity).
 Prints, per pair of groups, the units both masks hold: what a later edit overwrites of an earlier one
 when the masks are not kept disjoint (`--disjoint`).

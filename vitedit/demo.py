@@ -19,7 +19,7 @@ from typing import Callable
 from .errors import UsageError
 from .models import DEFAULT_ASSETS
 
-BUILT_CASES = {"dinov2-fashion": "vitedit examples --build dinov2-fashion"}  # name -> the command that builds it
+BUILT_CASES = {"dinov2-fashion": "vitedit examples dinov2-fashion --build"}  # name -> the command that builds it
 
 
 def case_folder(case: str) -> Path:
@@ -71,7 +71,7 @@ def example_path(group: str, case: str | None = None) -> Path:
     if group not in known:
         where = f" in the {case} case" if case else ""
         raise UsageError(f"no example group {group!r}{where}; choose one of {', '.join(sorted(known)) or '(none)'} "
-                         f"(see `vitedit examples{' --case ' + case if case else ''}`)")
+                         f"(see `vitedit examples{' ' + case if case else ''}`)")
     return Path(known[group]["path"])
 
 

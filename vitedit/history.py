@@ -2,9 +2,9 @@
 
 Semantics (docs/cli.md, "Many edits in one model"):
 
-- ``vitedit apply`` without ``--on-top`` starts from the unedited model and makes the history one
+- ``vitedit apply`` after a plain ``locate`` starts from the unedited model and makes the history one
   edit long (the paper's protocol: every edit from the base). ``locate --on-top`` scores failures
-  with the current edited model and keeps the history; ``apply --on-top`` fits the new edit on top
+  with the current edited model and keeps the history; ``apply`` then fits the new edit on top
   of it, so edit *k*'s "old" slices are the values after edits 1..k-1.
 - The stack is the source of truth. ``history.json`` lists every edit: its patch file
   (``patches/NNN.safetensors``, with its sha256), the failure folder, the settings, the edit and
