@@ -305,9 +305,43 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     with ``preserve_weight=0`` and no projection the steps are exactly the paper's editor's.
     """
     import torch
-    import torch.nn.functional as F
-    from torch.func import functional_call
 
+    _check_edit_inputs(config, images, preserve, stats)
+    start = first_block(mask)
+    suffix = make_suffix(model, start)
+    if tokens is None:
+        with torch.no_grad():
+            tokens = forward_prefix(model, images, start)
+    labels = labels.to(tokens.device)
+    slices = _Slices.of(model, mask, tokens.device)
+    opt = torch.optim.RMSprop(list(slices.free.values()), lr=config.lr)
+    keep = _keep_terms(config, slices, start, suffix, tokens, preserve, stats, anchors, anchor_moments, seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+
+    losses: list[float] = []
+    fits: list[float] = []  # the fitted loss (edit images and their views) per step, for the plateau rule
+    steps, converged = 0, False
+    while True:
+        step = _forward(model, suffix, start, slices, tokens, images, labels, config, keep, aug_gen)
+        losses.append(float(step.loss.detach()))
+        fits.append(float(step.fit_loss.detach()))
+        if bool(step.correct.all()) and _stopping_rule(step.logits.detach(), labels, losses, fits, config):
+            converged = True
+            break
+        if steps == config.max_steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        _objective(step, slices, config, penalty, keep).backward()
+        opt.step()
+        slices.project(keep.projectors)
+        steps += 1
+        if progress is not None:
+            progress(steps, config.max_steps, losses[-1])
+    return EditResult(slices.patch(), steps, losses[-1], float(step.correct.float().mean()), converged, losses)
+
+
+def _check_edit_inputs(config: EditConfig, images, preserve, stats) -> None:
+    """Refuse an edit whose objective lacks what it reads (the images, the preserve set, its statistics)."""
     if config.augment and images is None:
         raise UsageError("augmented edits need the edit images, not only their tokens")
     if config.uses_preserve and preserve is None:
@@ -316,159 +350,247 @@ def edit(model: "nn.Module", mask: UnitMask, images: "torch.Tensor | None", labe
     if config.uses_stats and stats is None:
         raise UsageError("this edit objective needs the preserve set's statistics (--preserve DIR: ordinary images "
                          "the edit must leave alone), or use --objective plain")
-    start = first_block(mask)
-    suffix = make_suffix(model, start)
-    if tokens is None:
-        with torch.no_grad():
-            tokens = forward_prefix(model, images, start)
-    labels = labels.to(tokens.device)
-    sites = [s for s in mask.sites if mask.indices[s.param].numel() > 0]
-    base = {s.param: model.get_parameter(s.param).detach() for s in sites}
-    idx = {s.param: mask.indices[s.param].to(tokens.device) for s in sites}
-    old = {s.param: base[s.param].index_select(s.dim, idx[s.param]).clone() for s in sites}
-    free = {p: t.clone().requires_grad_(True) for p, t in old.items()}
-    opt = torch.optim.RMSprop(list(free.values()), lr=config.lr)
 
-    # Null-space projectors, right-multiplied onto each slice's update: fc1 (k, D) @ (D, D),
-    # fc2 (D_out, k) @ (k, k).
-    if config.uses_preserve and preserve.start != start:
-        raise UsageError(f"the preserve set was cached at block {preserve.start}, the edit starts at block {start}; "
-                         "build it for the same edited blocks")
-    projectors = {}
-    if config.nullspace_threshold is not None:
-        projectors = {s.param: preserve.projector(s, idx[s.param], config.nullspace_threshold).to(tokens.device)
-                      for s in sites}
-    use_kl = config.preserve_weight > 0
-    quad = {}
-    if config.uses_stats:  # (dW @ Q * dW).sum() per site: the preserve tokens' relative output change
-        quad = stats.quadratic_forms(sites, idx, anchor_moments, config.anchor_weight, device=tokens.device)
-    use_anchors = (config.anchor_weight > 0 and anchors is not None and len(anchors) > 0 and not quad)
-    if use_anchors:
-        if anchors.start != start:
-            raise UsageError(f"the anchor set was cached at block {anchors.start}, the edit starts at block {start}; "
-                             "build it for the same edited blocks")
-        anchor_tokens = anchors.tokens.to(tokens.device)
-        anchor_target = anchors.log_probs.to(tokens.device)
-        anchor_gen = torch.Generator().manual_seed(seed + 2)
-        anchor_order: list[int] = []
 
-    def next_anchor_rows() -> "torch.Tensor | slice":
-        """This step's anchor rows: all of them, or ``anchor_batch`` from a seeded permutation."""
-        if not config.anchor_batch or config.anchor_batch >= len(anchor_tokens):
-            return slice(None)
-        rows: list[int] = []
-        while len(rows) < config.anchor_batch:
-            if not anchor_order:
-                anchor_order.extend(torch.randperm(len(anchor_tokens), generator=anchor_gen).tolist())
-            rows.append(anchor_order.pop())
-        return torch.tensor(rows, device=tokens.device)
-    n_edit = len(tokens)
-    if use_kl:
-        pool = preserve.tokens.to(tokens.device)
-        target = preserve.base_log_probs.to(tokens.device)
-        gen = torch.Generator().manual_seed(seed)
-        near: list[int] = []
-        if config.preserve_nearest:
-            with torch.no_grad():
-                near = preserve.nearest(suffix(tokens, pre_logits=True), config.preserve_nearest).tolist()
-        fragile: list[int] = []
-        if config.preserve_fragile:  # the preserve images closest to a flip under the base model
-            top2 = target.topk(2, -1).values
-            fragile = (top2[:, 0] - top2[:, 1]).topk(min(config.preserve_fragile, len(target)),
-                                                     largest=False).indices.sort().values.tolist()
-        orders: dict[str, list[int]] = {"all": [], "near": [], "fragile": []}
+@dataclass
+class _Slices:
+    """The fitted slices of one edit: per site with a selected unit, the base weight, the unit indices,
+    the old slice and the free (trained) slice: (k, D) for fc1, (D, k) for fc2."""
 
-    def draw(kind: str, candidates: int, n: int) -> list[int]:
-        """``n`` rows from a seeded permutation of ``range(candidates)``, reshuffled when used up."""
-        rows: list[int] = []
-        while len(rows) < min(n, candidates):
-            if not orders[kind]:
-                orders[kind] = torch.randperm(candidates, generator=gen).tolist()
-            rows.append(orders[kind].pop())
-        return rows
+    sites: list[Site]
+    base: dict
+    idx: dict
+    old: dict
+    free: dict
 
-    def next_preserve_rows() -> "torch.Tensor":
-        """This step's preserve minibatch: ``preserve_batch`` rows (half of them nearest, if asked)."""
-        if fragile:  # a share from the fragile images, the rest from the whole set
-            n_frag = round(config.preserve_batch * config.fragile_share)
-            rows = [fragile[i] for i in draw("fragile", len(fragile), n_frag)]
-            rows += draw("all", len(pool), config.preserve_batch - n_frag)
-            return torch.tensor(rows, device=tokens.device)
-        n_near = config.preserve_batch // 2 if near else 0
-        rows = [near[i] for i in draw("near", len(near), n_near)] + draw("all", len(pool), config.preserve_batch - n_near)
-        return torch.tensor(rows, device=tokens.device)
+    @classmethod
+    def of(cls, model: "nn.Module", mask: UnitMask, device) -> "_Slices":
+        sites = [s for s in mask.sites if mask.indices[s.param].numel() > 0]
+        base = {s.param: model.get_parameter(s.param).detach() for s in sites}
+        idx = {s.param: mask.indices[s.param].to(device) for s in sites}
+        old = {s.param: base[s.param].index_select(s.dim, idx[s.param]).clone() for s in sites}
+        free = {p: t.clone().requires_grad_(True) for p, t in old.items()}
+        return cls(sites, base, idx, old, free)
 
-    aug_gen = torch.Generator().manual_seed(seed + 1)
+    def weights(self) -> dict:
+        """The full matrices with the free slices written in (differentiable in the slices)."""
+        return {s.param: self.base[s.param].index_copy(s.dim, self.idx[s.param], self.free[s.param]) for s in self.sites}
 
-    losses: list[float] = []
-    fits: list[float] = []  # the fitted loss (edit images and their views) per step, for the plateau rule
-    steps, converged = 0, False
-    while True:
-        weights = {s.param: base[s.param].index_copy(s.dim, idx[s.param], free[s.param]) for s in sites}
-        parts = [tokens]
-        if config.augment:  # fresh views each step: (A*B, C, H, W) -> prefix tokens, frozen
-            with torch.no_grad():
-                views = augment_views(images.to(tokens.device), config.augment, aug_gen)
-                parts.append(forward_prefix(model, views, start))
-        n_fit = sum(len(p) for p in parts)
-        if use_kl:
-            rows = next_preserve_rows()
-            parts.append(pool[rows])
-        n_kept = sum(len(p) for p in parts)
-        if use_anchors:
-            a_rows = next_anchor_rows()
-            parts.append(anchor_tokens[a_rows])
-        out = functional_call(suffix, weights, (torch.cat(parts) if len(parts) > 1 else tokens,))  # (B + A*B + P, classes)
-        logits = out[:n_edit]
-        loss = F.cross_entropy(logits, labels)
-        if config.augment:
-            loss_fit = F.cross_entropy(out[:n_fit], labels.repeat(1 + config.augment))
-        losses.append(float(loss.detach()))
-        correct = logits.argmax(-1) == labels
-        fits.append(float((loss_fit if config.augment else loss).detach()))
-        # with a plateau window the plateau alone ends the edit: the paper's loss rule could stop it after
-        # one step, before a preservation term (zero gradient at the base weights) has acted at all
-        done = (_plateaued(fits, config.plateau) if config.plateau and config.stop_margin is None
-                else _stop(logits.detach(), labels, losses[-1], config))
-        if bool(correct.all()) and done:
-            converged = True
-            break
-        if steps == config.max_steps:
-            break
-        if config.augment:
-            loss = loss_fit
-        if penalty is not None:
-            kind, strength = penalty
-            delta = [free[p] - old[p] for p in free]
-            reg = sum((d.abs().sum() if kind == "l1" else d.pow(2).sum()) for d in delta)
-            loss = loss + strength * reg
-        if use_kl:  # the preservation term on this step's preserve minibatch
-            logp = torch.log_softmax(out[n_fit:n_kept], -1)
-            if config.preserve_loss == "kl":  # KL(base || edited)
-                term = F.kl_div(logp, target[rows], log_target=True, reduction="batchmean")
-            else:
-                term = _margin_hinge(logp, target[rows])
-            loss = loss + config.preserve_weight * term
-        if quad:
-            loss = loss + config.stats_weight * sum(_quadratic(free[p] - old[p], left, right)
-                                                    for p, (left, right) in quad.items())
-        if use_anchors:  # every earlier edit's images keep the current model's predictions
-            logp = torch.log_softmax(out[n_kept:], -1)
-            loss = loss + config.anchor_weight * F.kl_div(logp, anchor_target[a_rows], log_target=True,
-                                                          reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def project(self, projectors: dict) -> None:
+        """Project each slice's update onto its projector: ``free = old + (free - old) @ P``."""
+        import torch
+
         if projectors:
             with torch.no_grad():
                 for p, proj in projectors.items():
-                    free[p].copy_(old[p] + (free[p] - old[p]) @ proj)
-        steps += 1
-        if progress is not None:
-            progress(steps, config.max_steps, losses[-1])
-    patch = Patch(tuple(sites), {p: i.cpu() for p, i in idx.items()},
-                  {p: t.detach().cpu().clone() for p, t in free.items()}, {p: t.cpu() for p, t in old.items()})
-    return EditResult(patch, steps, losses[-1], float(correct.float().mean()), converged, losses)
+                    self.free[p].copy_(self.old[p] + (self.free[p] - self.old[p]) @ proj)
+
+    def patch(self) -> Patch:
+        return Patch(tuple(self.sites), {p: i.cpu() for p, i in self.idx.items()},
+                     {p: t.detach().cpu().clone() for p, t in self.free.items()},
+                     {p: t.cpu() for p, t in self.old.items()})
+
+
+def _draw(order: list[int], candidates: int, n: int, gen: "torch.Generator") -> list[int]:
+    """``n`` rows (at most ``candidates``) from a seeded permutation of ``range(candidates)`` kept in
+    ``order``, reshuffled when used up."""
+    import torch
+
+    rows: list[int] = []
+    while len(rows) < min(n, candidates):
+        if not order:
+            order.extend(torch.randperm(candidates, generator=gen).tolist())
+        rows.append(order.pop())
+    return rows
+
+
+@dataclass
+class _PreserveDraw:
+    """The preservation term's pool (preserve tokens and base log-probabilities) and its seeded
+    minibatches: from the whole set, or partly from the nearest or the most fragile images."""
+
+    pool: "torch.Tensor"
+    target: "torch.Tensor"
+    gen: "torch.Generator"
+    near: list[int]
+    fragile: list[int]
+    batch: int
+    fragile_share: float
+    orders: dict = field(default_factory=lambda: {"all": [], "near": [], "fragile": []})
+
+    def rows(self, device) -> "torch.Tensor":
+        """This step's preserve minibatch: ``batch`` rows (a share fragile, or half nearest, if asked)."""
+        import torch
+
+        if self.fragile:  # a share from the fragile images, the rest from the whole set
+            n_frag = round(self.batch * self.fragile_share)
+            rows = [self.fragile[i] for i in _draw(self.orders["fragile"], len(self.fragile), n_frag, self.gen)]
+            rows += _draw(self.orders["all"], len(self.pool), self.batch - n_frag, self.gen)
+            return torch.tensor(rows, device=device)
+        n_near = self.batch // 2 if self.near else 0
+        rows = ([self.near[i] for i in _draw(self.orders["near"], len(self.near), n_near, self.gen)]
+                + _draw(self.orders["all"], len(self.pool), self.batch - n_near, self.gen))
+        return torch.tensor(rows, device=device)
+
+
+@dataclass
+class _AnchorDraw:
+    """The anchor term's tokens and current-model log-probabilities, and its seeded minibatches."""
+
+    tokens: "torch.Tensor"
+    target: "torch.Tensor"
+    gen: "torch.Generator"
+    batch: int
+    order: list[int] = field(default_factory=list)
+
+    def rows(self, device) -> "torch.Tensor | slice":
+        """This step's anchor rows: all of them, or ``batch`` from a seeded permutation."""
+        import torch
+
+        if not self.batch or self.batch >= len(self.tokens):
+            return slice(None)
+        return torch.tensor(_draw(self.order, len(self.tokens), self.batch, self.gen), device=device)
+
+
+@dataclass
+class _Keep:
+    """The terms that keep the rest of the model in place, as one edit uses them (each off when
+    empty or None): null-space projectors, the preservation minibatches, the statistics' quadratic
+    forms and the anchor minibatches."""
+
+    projectors: dict
+    preserve: _PreserveDraw | None
+    quad: dict
+    anchors: _AnchorDraw | None
+
+
+def _keep_terms(config: EditConfig, slices: _Slices, start: int, suffix, tokens: "torch.Tensor", preserve, stats,
+                anchors, anchor_moments, seed: int) -> _Keep:
+    """The config's keeping terms, checked against the edit's first block and moved to its device."""
+    import torch
+
+    device = tokens.device
+    if config.uses_preserve and preserve.start != start:
+        raise UsageError(f"the preserve set was cached at block {preserve.start}, the edit starts at block {start}; "
+                         "build it for the same edited blocks")
+    projectors = {}  # right-multiplied onto each slice's update: fc1 (k, D) @ (D, D), fc2 (D_out, k) @ (k, k)
+    if config.nullspace_threshold is not None:
+        projectors = {s.param: preserve.projector(s, slices.idx[s.param], config.nullspace_threshold).to(device)
+                      for s in slices.sites}
+    quad = {}
+    if config.uses_stats:  # (dW @ Q * dW).sum() per site: the preserve tokens' relative output change
+        quad = stats.quadratic_forms(slices.sites, slices.idx, anchor_moments, config.anchor_weight, device=device)
+    held = None
+    if config.anchor_weight > 0 and anchors is not None and len(anchors) > 0 and not quad:
+        if anchors.start != start:
+            raise UsageError(f"the anchor set was cached at block {anchors.start}, the edit starts at block {start}; "
+                             "build it for the same edited blocks")
+        held = _AnchorDraw(anchors.tokens.to(device), anchors.log_probs.to(device),
+                           torch.Generator().manual_seed(seed + 2), config.anchor_batch)
+    kept = _preserve_draw(config, preserve, suffix, tokens, seed) if config.preserve_weight > 0 else None
+    return _Keep(projectors, kept, quad, held)
+
+
+def _preserve_draw(config: EditConfig, preserve: "PreserveSet", suffix, tokens: "torch.Tensor",
+                   seed: int) -> _PreserveDraw:
+    import torch
+
+    target = preserve.base_log_probs.to(tokens.device)
+    near: list[int] = []
+    if config.preserve_nearest:
+        with torch.no_grad():
+            near = preserve.nearest(suffix(tokens, pre_logits=True), config.preserve_nearest).tolist()
+    fragile: list[int] = []
+    if config.preserve_fragile:  # the preserve images closest to a flip under the base model
+        top2 = target.topk(2, -1).values
+        fragile = (top2[:, 0] - top2[:, 1]).topk(min(config.preserve_fragile, len(target)),
+                                                 largest=False).indices.sort().values.tolist()
+    return _PreserveDraw(preserve.tokens.to(tokens.device), target, torch.Generator().manual_seed(seed), near, fragile,
+                         config.preserve_batch, config.fragile_share)
+
+
+@dataclass
+class _Step:
+    """One forward pass of an edit: ``out`` (B + A*B + P + M, classes) over the edit images, their
+    views, this step's preserve rows and anchor rows; ``loss`` on the edit images, ``fit_loss`` on
+    them and their views."""
+
+    out: "torch.Tensor"
+    logits: "torch.Tensor"
+    correct: "torch.Tensor"
+    loss: "torch.Tensor"
+    fit_loss: "torch.Tensor"
+    n_fit: int
+    n_kept: int
+    rows: "torch.Tensor | None"
+    a_rows: "torch.Tensor | slice | None"
+
+
+def _forward(model, suffix, start: int, slices: _Slices, tokens: "torch.Tensor", images, labels: "torch.Tensor",
+             config: EditConfig, keep: _Keep, aug_gen: "torch.Generator") -> _Step:
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    weights = slices.weights()
+    parts = [tokens]
+    if config.augment:  # fresh views each step: (A*B, C, H, W) -> prefix tokens, frozen
+        with torch.no_grad():
+            views = augment_views(images.to(tokens.device), config.augment, aug_gen)
+            parts.append(forward_prefix(model, views, start))
+    n_fit = sum(len(p) for p in parts)
+    rows = a_rows = None
+    if keep.preserve is not None:
+        rows = keep.preserve.rows(tokens.device)
+        parts.append(keep.preserve.pool[rows])
+    n_kept = sum(len(p) for p in parts)
+    if keep.anchors is not None:
+        a_rows = keep.anchors.rows(tokens.device)
+        parts.append(keep.anchors.tokens[a_rows])
+    out = functional_call(suffix, weights, (torch.cat(parts) if len(parts) > 1 else tokens,))  # (B + A*B + P, classes)
+    logits = out[:len(tokens)]
+    loss = F.cross_entropy(logits, labels)
+    fit_loss = F.cross_entropy(out[:n_fit], labels.repeat(1 + config.augment)) if config.augment else loss
+    return _Step(out, logits, logits.argmax(-1) == labels, loss, fit_loss, n_fit, n_kept, rows, a_rows)
+
+
+def _stopping_rule(logits: "torch.Tensor", labels: "torch.Tensor", losses: list[float], fits: list[float],
+                   config: EditConfig) -> bool:
+    """Whether the edit may stop, given every edit image is right. With a plateau window the plateau
+    alone ends the edit: the paper's loss rule could stop it after one step, before a preservation
+    term (zero gradient at the base weights) has acted at all."""
+    if config.plateau and config.stop_margin is None:
+        return _plateaued(fits, config.plateau)
+    return _stop(logits, labels, losses[-1], config)
+
+
+def _objective(step: _Step, slices: _Slices, config: EditConfig, penalty: tuple[str, float] | None,
+               keep: _Keep) -> "torch.Tensor":
+    """The loss a step descends: the fitted loss, then the penalty and the keeping terms, in that order."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = step.fit_loss
+    if penalty is not None:
+        kind, strength = penalty
+        delta = [slices.free[p] - slices.old[p] for p in slices.free]
+        reg = sum((d.abs().sum() if kind == "l1" else d.pow(2).sum()) for d in delta)
+        loss = loss + strength * reg
+    if keep.preserve is not None:  # the preservation term on this step's preserve minibatch
+        logp = torch.log_softmax(step.out[step.n_fit:step.n_kept], -1)
+        if config.preserve_loss == "kl":  # KL(base || edited)
+            term = F.kl_div(logp, keep.preserve.target[step.rows], log_target=True, reduction="batchmean")
+        else:
+            term = _margin_hinge(logp, keep.preserve.target[step.rows])
+        loss = loss + config.preserve_weight * term
+    if keep.quad:
+        loss = loss + config.stats_weight * sum(_quadratic(slices.free[p] - slices.old[p], left, right)
+                                                for p, (left, right) in keep.quad.items())
+    if keep.anchors is not None:  # every earlier edit's images keep the current model's predictions
+        logp = torch.log_softmax(step.out[step.n_kept:], -1)
+        loss = loss + config.anchor_weight * F.kl_div(logp, keep.anchors.target[step.a_rows], log_target=True,
+                                                      reduction="batchmean")
+    return loss
 
 
 def augment_views(images: "torch.Tensor", views: int, gen: "torch.Generator") -> "torch.Tensor":
