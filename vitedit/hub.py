@@ -315,19 +315,13 @@ def _download_http(remote: RemoteFile, dest: Path, progress: Progress, timeout: 
             with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-                if progress:
-                    progress(0, total)
-                while block := response.read(_CHUNK):
-                    out.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
+                done = _copy_hashing(response.read, out, digest, progress, total)
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{url} answered HTTP {e.code} {e.reason}; check the URL, or {fix}") from None
         except urllib.error.URLError as e:
             raise DownloadError(f"cannot reach {url} ({e.reason}); {fix}") from None
         except http.client.IncompleteRead as e:
+            done = Path(tmp).stat().st_size if Path(tmp).exists() else 0  # what was written before the cut
             raise DownloadError(f"download of {url} was cut off after {done + len(e.partial)} of "
                                 f"{total if total is not None else '?'} bytes; retry, or {fix}") from None
         except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
@@ -342,22 +336,28 @@ def _download_http(remote: RemoteFile, dest: Path, progress: Progress, timeout: 
             raise _mismatch(remote, actual)
 
 
+def _copy_hashing(read: Callable[[int], bytes], out, digest, progress: Progress, total: int | None) -> int:
+    """Copy ``read``'s blocks into ``out``, hashing them into ``digest`` and reporting progress; the bytes copied."""
+    done = 0
+    if progress:
+        progress(0, total)
+    while block := read(_CHUNK):
+        out.write(block)
+        digest.update(block)
+        done += len(block)
+        if progress:
+            progress(done, total)
+    return done
+
+
 def _copy_verified(src: Path, remote: RemoteFile, dest: Path, progress: Progress) -> None:
     """Copy ``src`` to ``dest`` atomically, hashing the bytes copied; refuse a digest mismatch."""
     try:
         total = src.stat().st_size
         with atomic_path(dest) as tmp:
             digest = hashlib.sha256()
-            done = 0
-            if progress:
-                progress(0, total)
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                while block := fin.read(_CHUNK):
-                    fout.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
+                _copy_hashing(fin.read, fout, digest, progress, total)
             actual = digest.hexdigest()
             if actual != remote.sha256:
                 raise _mismatch(remote, actual)
