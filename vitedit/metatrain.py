@@ -35,7 +35,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -427,20 +427,117 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
                progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
     """Meta-train a hypernetwork for ``loaded`` on the images under ``data``; write ``out/hypernet.*``."""
     import torch
-    import torch.nn.functional as F
-
-    from .artifacts import atomic_path, write_json
-    from .hypernet import build_hypernet, hypernet_config_for, save_hypernet, with_zero_prior
 
     rank, world = _dist_info()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = loaded.model
-    start = min(s.block for s in sites)
-    editor = BatchedEditor(model, sites)
-    base_suffix = make_suffix(model, start)
-    grid, patch = patch_grid(model)
+    editor = BatchedEditor(loaded.model, sites)
     pool = ImagePool(data, loaded, progress=(lambda d_, n, t: progress(d_, n, t, {})) if progress and rank == 0 else None)
+    run = _start_run(loaded, sites, data, cfg, out, rank, world, device, pool)
+    if resume and run.checkpoint.exists():
+        run.restore()
+    elapsed0 = float(run.history[-1]["elapsed"]) if run.history else 0.0
+    t0 = time.time()
+    summary = {}
+    while run.step < cfg.steps:
+        batch = _pseudo_batch(run)
+        masks, info = label_masks(editor, batch.tokens, batch.target, batch.z_init, cfg, batch.ref, batch.pair)
+        label = torch.cat([masks[s.param] for s in sites], dim=1)                     # (B, units total)
+        bce = _fit_hypernet(run, batch.feats, label)
+        run.step += 1
+        stats = _step_stats(run.step, batch.kl_before, info, label, bce, cfg, elapsed0 + time.time() - t0)
+        run.history.append(stats)
+        if progress and rank == 0:
+            progress("meta-training", run.step, cfg.steps, stats)
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+            run.save_checkpoint()
+            summary = run.write_artifact()
+    if not summary:  # resumed a run that had already finished
+        summary = run.write_artifact()
+    return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
+
+
+@dataclass
+class _MetaRun:
+    """One meta-training run: what it trains for (model, sites, images, config), the hypernetwork with
+    its optimizer, schedule and sample generator, and the step and history a checkpoint holds."""
+
+    loaded: LoadedModel
+    sites: Sequence[Site]
+    data: Path
+    cfg: MetaTrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: str
+    pool: ImagePool
+    net: "nn.Module"
+    train_net: "nn.Module"       # ``net``, or ``net`` in DistributedDataParallel
+    opt: "torch.optim.Optimizer"
+    sched: "torch.optim.lr_scheduler.LRScheduler"
+    gen: "torch.Generator"
+    start: int                   # the first edited block
+    suffix: "nn.Module"          # the frozen model from ``start`` on
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / f"checkpoint-rank{self.rank}.pt"
+
+    def restore(self) -> None:
+        """Continue from this rank's checkpoint."""
+        import torch
+
+        from .hypernet import with_zero_prior
+
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(with_zero_prior(self.net, state["hypernet"]))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+
+    def save_checkpoint(self) -> None:
+        import torch
+
+        from .artifacts import atomic_path
+
+        keys = list(self.history[0].keys()) if self.history else []
+        rows = torch.tensor([[h[k] for k in keys] for h in self.history], dtype=torch.float64)
+        with atomic_path(self.checkpoint) as tmp:
+            torch.save({"hypernet": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict(), "generator": self.gen.get_state(), "step": self.step,
+                        "history": rows, "history_keys": keys}, tmp)
+
+    def write_artifact(self) -> dict:
+        """The hypernetwork as of now (rank 0 writes it), so a run stopped early still leaves one."""
+        from .artifacts import write_json
+        from .hypernet import save_hypernet
+
+        cfg, sites, model = self.cfg, self.sites, self.loaded.model
+        summary = _summary(self.history, self.step, self.world, self.pool)
+        if cfg.prior_weight > 0 and self.step == cfg.steps:  # the finished network's mean score on clean images
+            self.net.prior.copy_(mean_scores(self.net, model, self.suffix, self.start, self.pool, cfg.prior_images,
+                                             cfg.seed, self.device))
+        if self.rank == 0:
+            extra = {"sites": [s.to_json() for s in sites], "blocks": sorted({s.block for s in sites}),
+                     "widths": {s.param: s.units for s in sites}, "meta_train_config": cfg.to_json(), **summary,
+                     "data": str(self.data)}
+            save_hypernet(self.out / "hypernet.safetensors", self.net, self.loaded.identity, extra)
+            keys = list(self.history[0].keys())
+            write_json(self.out / "history.json", {"keys": keys, "rows": [[h[k] for k in keys] for h in self.history]})
+        return summary
+
+
+def _start_run(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: MetaTrainConfig, out: Path, rank: int,
+               world: int, device: str, pool: ImagePool) -> _MetaRun:
+    """A fresh hypernetwork (seeded: identical on every rank), its optimizer, cosine schedule and this
+    rank's sample generator."""
+    import torch
+
+    from .hypernet import build_hypernet, hypernet_config_for
 
     torch.manual_seed(cfg.seed)  # identical hypernetwork init on every rank
     net = build_hypernet(hypernet_config_for(loaded.width, loaded.num_heads, sites, cfg.hypernet_depth,
@@ -454,94 +551,84 @@ def meta_train(loaded: LoadedModel, sites: Sequence[Site], data: Path, cfg: Meta
     total_updates = cfg.steps * cfg.hypernet_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_updates))))
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    step, history = 0, []
-    ckpt = out / f"checkpoint-rank{rank}.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(with_zero_prior(net, state["hypernet"]))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step = int(state["step"])
-        history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
-    elapsed0 = float(history[-1]["elapsed"]) if history else 0.0
-    t0 = time.time()
+    start = min(s.block for s in sites)
+    return _MetaRun(loaded, sites, data, cfg, out, rank, world, device, pool, net, train_net, opt, sched, gen, start,
+                    make_suffix(loaded.model, start))
 
-    def write_artifact() -> dict:
-        """The hypernetwork as of now (rank 0 writes it), so a run stopped early still leaves one."""
-        summary = _summary(history, step, world, pool)
-        if cfg.prior_weight > 0 and step == cfg.steps:  # the finished network's mean score on clean images
-            net.prior.copy_(mean_scores(net, model, base_suffix, start, pool, cfg.prior_images, cfg.seed, device))
-        if rank == 0:
-            extra = {"sites": [s.to_json() for s in sites], "blocks": sorted({s.block for s in sites}),
-                     "widths": {s.param: s.units for s in sites}, "meta_train_config": cfg.to_json(), **summary,
-                     "data": str(data)}
-            save_hypernet(out / "hypernet.safetensors", net, loaded.identity, extra)
-            keys = list(history[0].keys())
-            write_json(out / "history.json", {"keys": keys, "rows": [[h[k] for k in keys] for h in history]})
-        return summary
 
-    summary = {}
+@dataclass
+class _PseudoBatch:
+    """One meta-batch of pseudo-failures, as label_masks and the hypernetwork take it."""
 
-    def save_checkpoint() -> None:
-        keys = list(history[0].keys()) if history else []
-        rows = torch.tensor([[h[k] for k in keys] for h in history], dtype=torch.float64)
-        with atomic_path(ckpt) as tmp:
-            torch.save({"hypernet": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": gen.get_state(), "step": step, "history": rows, "history_keys": keys}, tmp)
+    tokens: "torch.Tensor"      # (B, N, D) prefix tokens of the mixed images
+    target: "torch.Tensor"      # (B, C) the frozen model's soft prediction on the clean images
+    feats: "torch.Tensor"       # (B, D) [CLS] of the mixed images: the hypernetwork's input
+    kl_before: "torch.Tensor"   # (B,) the mixed images' KL to the target before any edit
+    z_init: dict
+    ref: tuple | None           # locality term: each sample's unrelated image and its target
+    pair: tuple | None          # generalization term: each sample's same-class partner, corrupted alike
 
-    while step < cfg.steps:
-        clean = pool.sample(cfg.batch, gen).to(device)
-        donor = pool.sample(cfg.batch, gen).to(device)
-        mixed, corrupt = pseudo_failures(cfg.pseudo, clean, donor, grid, patch, cfg, gen)
+
+def _pseudo_batch(run: _MetaRun) -> _PseudoBatch:
+    """Draw one meta-batch with the run's generator (clean, donor, corruption, mask logits, partners:
+    in that order, so a resumed run draws what an uninterrupted one would)."""
+    import torch
+
+    cfg, model, gen, device, start, base_suffix = run.cfg, run.loaded.model, run.gen, run.device, run.start, run.suffix
+    grid, patch = patch_grid(model)
+    clean = run.pool.sample(cfg.batch, gen).to(device)
+    donor = run.pool.sample(cfg.batch, gen).to(device)
+    mixed, corrupt = pseudo_failures(cfg.pseudo, clean, donor, grid, patch, cfg, gen)
+    with torch.no_grad():
+        target = torch.softmax(model(clean) / cfg.temperature, dim=-1)           # (B, C)
+        tokens = forward_prefix(model, mixed, start)                              # (B, N, D), once per batch
+        kl_before = kl_per_sample(base_suffix(tokens), target, cfg.temperature)
+        feats = base_suffix(tokens, pre_logits=True)                              # (B, D) [CLS] of mixed
+    z_init = {s.param: (torch.rand(cfg.batch, s.units, generator=gen) * 2 - 1).to(device) for s in run.sites}
+    ref = None
+    if cfg.locality_weight > 0:  # each sample's unrelated image: the next sample's clean image
         with torch.no_grad():
-            target = torch.softmax(model(clean) / cfg.temperature, dim=-1)           # (B, C)
-            tokens = forward_prefix(model, mixed, start)                              # (B, N, D), once per batch
-            kl_before = kl_per_sample(base_suffix(tokens), target, cfg.temperature)
-            feats = base_suffix(tokens, pre_logits=True)                              # (B, D) [CLS] of mixed
-        z_init = {s.param: (torch.rand(cfg.batch, s.units, generator=gen) * 2 - 1).to(device) for s in sites}
-        ref = None
-        if cfg.locality_weight > 0:  # each sample's unrelated image: the next sample's clean image
-            with torch.no_grad():
-                ref = (forward_prefix(model, clean, start).roll(-1, 0), target.roll(-1, 0))
-        pair = None
-        if cfg.generalization_weight > 0:  # each sample's partner: a same-class image, corrupted the same way
-            with torch.no_grad():
-                cand = pool.sample(cfg.batch * PARTNER_CANDIDATES, gen).to(device)
-                cand_pred = model(cand).argmax(-1)
-                idx = pick_partners(target.argmax(-1), cand_pred)
-                pair = (forward_prefix(model, corrupt(cand[idx]), start),
-                        torch.softmax(model(cand[idx]) / cfg.temperature, dim=-1))
-        masks, info = label_masks(editor, tokens, target, z_init, cfg, ref, pair)
-        label = torch.cat([masks[s.param] for s in sites], dim=1)                     # (B, units total)
-        for _ in range(cfg.hypernet_steps):
-            logits = torch.cat(train_net(feats, logits=True), dim=1)                 # (B, units total)
-            bce = F.binary_cross_entropy_with_logits(logits, label)
-            opt.zero_grad(set_to_none=True)
-            bce.backward()
-            opt.step()
-            sched.step()
-        step += 1
-        binary = (label > 0.5).float()
-        stats = {
-            "step": step,
-            "kl_before": float(kl_before.mean()),
-            "kl_after": float(info["kl_after"].mean()),
-            "label_density": float(label.mean()),
-            "label_binary_density": float(binary.mean()),
-            "bce": float(bce.detach()),
-            "diversity": float(binary.std(0).mean()) if cfg.batch > 1 else 0.0,
-            "elapsed": elapsed0 + time.time() - t0,
-        }
-        history.append(stats)
-        if progress and rank == 0:
-            progress("meta-training", step, cfg.steps, stats)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint()
-            summary = write_artifact()
-    if not summary:  # resumed a run that had already finished
-        summary = write_artifact()
-    return {**summary, "hypernet": str(out / "hypernet.safetensors"), "rank": rank}
+            ref = (forward_prefix(model, clean, start).roll(-1, 0), target.roll(-1, 0))
+    pair = None
+    if cfg.generalization_weight > 0:  # each sample's partner: a same-class image, corrupted the same way
+        with torch.no_grad():
+            cand = run.pool.sample(cfg.batch * PARTNER_CANDIDATES, gen).to(device)
+            cand_pred = model(cand).argmax(-1)
+            idx = pick_partners(target.argmax(-1), cand_pred)
+            pair = (forward_prefix(model, corrupt(cand[idx]), start),
+                    torch.softmax(model(cand[idx]) / cfg.temperature, dim=-1))
+    return _PseudoBatch(tokens, target, feats, kl_before, z_init, ref, pair)
+
+
+def _fit_hypernet(run: _MetaRun, feats: "torch.Tensor", label: "torch.Tensor") -> "torch.Tensor":
+    """``hypernet_steps`` BCE steps of the hypernetwork toward the label masks; the last step's loss."""
+    import torch
+    import torch.nn.functional as F
+
+    for _ in range(run.cfg.hypernet_steps):
+        logits = torch.cat(run.train_net(feats, logits=True), dim=1)                 # (B, units total)
+        bce = F.binary_cross_entropy_with_logits(logits, label)
+        run.opt.zero_grad(set_to_none=True)
+        bce.backward()
+        run.opt.step()
+        run.sched.step()
+    return bce
+
+
+def _step_stats(step: int, kl_before: "torch.Tensor", info: dict, label: "torch.Tensor", bce: "torch.Tensor",
+                cfg: MetaTrainConfig, elapsed: float) -> dict:
+    """One row of the history."""
+    binary = (label > 0.5).float()
+    return {
+        "step": step,
+        "kl_before": float(kl_before.mean()),
+        "kl_after": float(info["kl_after"].mean()),
+        "label_density": float(label.mean()),
+        "label_binary_density": float(binary.mean()),
+        "bce": float(bce.detach()),
+        "diversity": float(binary.std(0).mean()) if cfg.batch > 1 else 0.0,
+        "elapsed": elapsed,
+    }
 
 
 def mean_scores(net: "nn.Module", model: "nn.Module", suffix: "nn.Module", start: int, pool: ImagePool, n: int,
