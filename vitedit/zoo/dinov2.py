@@ -377,26 +377,29 @@ def _existing(out: Path, recipe: dict, source: dict, force: bool) -> dict | None
     return None
 
 
+@dataclass(frozen=True)
+class _CaseSets:
+    """The case's image indices, all seeded: training and test images outside every withheld group
+    (the head's training images, the preserve, check and locality-pool images) and the withheld test
+    images the failure groups come from."""
+
+    train: "np.ndarray"
+    preserve: "np.ndarray"
+    check: "np.ndarray"
+    locality_pool: "np.ndarray"
+    withheld: "np.ndarray"
+
+
 def build_case(cfg: BuildConfig = BuildConfig(), progress: Progress = _noop) -> dict:
     """Build (or find already built) the ``dinov2-fashion`` case; return its ``case.json`` contents
     plus ``path`` and ``already_built``. Everything is written to a sibling folder first and moved
     into place at the end, so an interrupted build leaves any previous one intact."""
-    import os
     import tempfile
 
     import numpy as np
-    import timm
-    import torch
-    from timm.data import create_transform, resolve_model_data_config
-    from timm.models import save_for_hf
 
-    from .. import __version__
-    from ..artifacts import write_json
-    from ..data import safe_label_name
     from ..demo import case_folder
     from ..models import DEFAULT_ASSETS
-    from ._package import _write_png, group_name, in_distribution_test
-    from .fashion import LABELS
 
     t_start = time.monotonic()
     timings: dict[str, float] = {}
@@ -409,128 +412,168 @@ def build_case(cfg: BuildConfig = BuildConfig(), progress: Progress = _noop) -> 
 
     progress("reading Fashion-MNIST", 0, 1)
     data = _fashion()
-    manifest_path = DEFAULT_ASSETS / "split.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads((DEFAULT_ASSETS / "split.json").read_text())
     progress("reading Fashion-MNIST", 1, 1)
 
-    # --- backbone: graph -> timm, checked against the graph
     t0 = time.monotonic()
+    rng = np.random.default_rng(cfg.seed)  # the parity images, then the sets
+    model, data_config, transform, parity, parity_idx = _converted_backbone(source, cfg, data, manifest, rng, progress)
+    timings["read_and_check_weights_s"] = time.monotonic() - t0
+    sets = _draw_sets(rng, data, manifest, parity_idx, cfg)
+    model.to(cfg.device)
+    fit = _fit_case_head(model, data, sets, transform, cfg, progress, timings)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        groups, sensitive = _write_stage(stage, model, data_config, data, manifest, sets, fit["wrong"], cfg, progress,
+                                         timings)
+        timings["total_s"] = time.monotonic() - t_start
+        case = _case_json(cfg, provenance, parity, manifest, data_config, sets, fit, groups, sensitive, timings)
+        from ..artifacts import write_json
+
+        write_json(stage / "case.json", case)
+        _move_into_place(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    return {**case, "path": str(out), "already_built": False}
+
+
+def _converted_backbone(source: WeightsSource, cfg: BuildConfig, data: dict, manifest: dict, rng, progress: Progress):
+    """timm's DINOv2 ViT-S/14 with the graph's weights, checked against the graph on ``PARITY_IMAGES``
+    in-distribution test images drawn with ``rng``: (model, data config, transform, parity, parity indices)."""
+    import numpy as np
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    from ._package import in_distribution_test
+    from .fashion import LABELS
+
     progress("reading the DINOv2 weights", 0, 1)
     model = timm.create_model(ARCHITECTURE, pretrained=False, img_size=cfg.img_size, num_classes=len(LABELS))
     data_config = resolve_model_data_config(model, args={"input_size": (3, cfg.img_size, cfg.img_size)})
     transform = create_transform(**data_config, is_training=False)
-    in_dist_test = in_distribution_test(data, manifest)
-    rng = np.random.default_rng(cfg.seed)
-    parity_idx = np.sort(rng.choice(in_dist_test, size=PARITY_IMAGES, replace=False))
+    parity_idx = np.sort(rng.choice(in_distribution_test(data, manifest), size=PARITY_IMAGES, replace=False))
     backbone = OnnxBackbone(source.path)
     parity = read_backbone(backbone, model, _to_batch(data["test_x"][parity_idx], transform).numpy())
     del backbone
     progress("reading the DINOv2 weights", 1, 1)
-    timings["read_and_check_weights_s"] = time.monotonic() - t0
+    return model, data_config, transform, parity, parity_idx
 
-    # --- the sets, all seeded; training and test images outside every withheld group
-    withheld_train = np.zeros(len(data["train_y"]), dtype=bool)
-    for g in manifest["groups"]:
-        withheld_train[g["train_indices"]] = True
-    in_dist_train = np.flatnonzero(~withheld_train)
+
+def _draw_sets(rng, data: dict, manifest: dict, parity_idx: "np.ndarray", cfg: BuildConfig) -> _CaseSets:
+    """The case's sets, drawn with ``rng`` in a fixed order; none shares an image with another."""
+    import numpy as np
+
+    from ._package import in_distribution_test, in_distribution_train
+
+    in_dist_train = in_distribution_train(data, manifest)
     train_idx = _sample(rng, in_dist_train, cfg.train_images, data["train_y"])
     preserve_idx = np.sort(rng.choice(np.setdiff1d(in_dist_train, train_idx), size=cfg.preserve_images, replace=False))
-    test_pool = np.setdiff1d(in_dist_test, parity_idx)
+    test_pool = np.setdiff1d(in_distribution_test(data, manifest), parity_idx)
     check_idx = np.sort(rng.choice(test_pool, size=cfg.check_images, replace=False))
     locality_idx = np.sort(rng.choice(np.setdiff1d(test_pool, check_idx), size=cfg.locality_pool, replace=False))
     withheld_idx = np.sort(np.concatenate([np.asarray(g["test_indices"]) for g in manifest["groups"]]))
-    model.to(cfg.device)
+    return _CaseSets(train_idx, preserve_idx, check_idx, locality_idx, withheld_idx)
 
-    # --- head on frozen features
+
+def _fit_case_head(model, data: dict, sets: _CaseSets, transform, cfg: BuildConfig, progress: Progress,
+                   timings: dict) -> dict:
+    """Fit the linear head on frozen features and put it into ``model`` (moved to the CPU); the
+    head's accuracies and the withheld test images it gets wrong (``wrong``)."""
+    import numpy as np
+    import torch
+
+    from .fashion import LABELS
+
     t0 = time.monotonic()
-    f_train = _features(model, data["train_x"][train_idx], transform, progress, "training images")
-    f_check = _features(model, data["test_x"][check_idx], transform, progress, "check images")
-    f_withheld = _features(model, data["test_x"][withheld_idx], transform, progress, "withheld test images")
+    f_train = _features(model, data["train_x"][sets.train], transform, progress, "training images")
+    f_check = _features(model, data["test_x"][sets.check], transform, progress, "check images")
+    f_withheld = _features(model, data["test_x"][sets.withheld], transform, progress, "withheld test images")
     timings["features_s"] = time.monotonic() - t0
-    feature_images = len(train_idx) + len(check_idx) + len(withheld_idx)
-    timings["features_s_per_image"] = timings["features_s"] / feature_images
+    timings["features_s_per_image"] = timings["features_s"] / (len(sets.train) + len(sets.check) + len(sets.withheld))
     t0 = time.monotonic()
-    y_train = torch.from_numpy(data["train_y"][train_idx].astype(np.int64))
+    y_train = torch.from_numpy(data["train_y"][sets.train].astype(np.int64))
     head = _fit_head(f_train, y_train, cfg, len(LABELS))
     model.cpu().head.load_state_dict(head.state_dict())
     timings["head_fit_s"] = time.monotonic() - t0
     with torch.inference_mode():
         pred_train, pred_check, pred_withheld = (head(f).argmax(-1).numpy() for f in (f_train, f_check, f_withheld))
     y_test = data["test_y"]
-    train_acc = float((pred_train == data["train_y"][train_idx]).mean())
-    check_acc = float((pred_check == y_test[check_idx]).mean())
-    wrong = {int(i) for i, p in zip(withheld_idx, pred_withheld) if p != y_test[i]}
+    return {"train_accuracy": float((pred_train == data["train_y"][sets.train]).mean()),
+            "check_accuracy": float((pred_check == y_test[sets.check]).mean()),
+            "wrong": {int(i) for i, p in zip(sets.withheld, pred_withheld) if p != y_test[i]}}
 
-    # --- write everything into a staging folder beside ``out``
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        t0 = time.monotonic()
-        folders = [safe_label_name(lbl) for lbl in LABELS]
-        save_for_hf(model, str(stage / "model"), model_config={"label_names": list(LABELS)},
-                    safe_serialization=True, data_config=data_config)
-        groups = []
-        for g in manifest["groups"]:
-            idx = np.asarray(g["test_indices"])
-            failed = [int(i) for i in idx if int(i) in wrong]
-            entry = {"group": group_name(g["class_name"]), "class_index": g["class_index"],
-                     "class_name": g["class_name"], "withheld_test_images": int(len(idx)),
-                     "accuracy": round(1.0 - len(failed) / max(1, len(idx)), 4), "failures": len(failed),
-                     "written": len(failed) >= MIN_GROUP}
-            if entry["written"]:
-                for i in failed:
-                    _write_png(stage / "failures" / entry["group"] / folders[g["class_index"]] / f"{i:05d}.png",
-                               data["test_x"][i])
-            groups.append(entry)
-        for i in preserve_idx:
-            _write_png(stage / "preserve" / folders[int(data["train_y"][i])] / f"train-{i:05d}.png", data["train_x"][i])
-        for i in check_idx:
-            _write_png(stage / "check" / folders[int(y_test[i])] / f"{i:05d}.png", data["test_x"][i])
-        for i in locality_idx:
-            _write_png(stage / "locality-pool" / folders[int(y_test[i])] / f"{i:05d}.png", data["test_x"][i])
-        timings["write_s"] = time.monotonic() - t0
 
-        # the locality set: the project's sensitive-set rule, run on the saved model as a user would
-        t0 = time.monotonic()
-        from ..jobs.common import ModelOptions
-        from ..jobs.sensitive import SensitiveConfig, run_sensitive
+def _write_stage(stage: Path, model, data_config: dict, data: dict, manifest: dict, sets: _CaseSets, wrong: set,
+                 cfg: BuildConfig, progress: Progress, timings: dict) -> tuple[list[dict], dict]:
+    """The case's files under ``stage``: the model folder, failure groups, preserve and check sets, and
+    the locality set (the project's sensitive-set rule run on the saved model, as a user would).
+    Returns the groups' figures and ``run_sensitive``'s result."""
+    from timm.models import save_for_hf
 
-        sensitive = run_sensitive(SensitiveConfig(stage / "locality-pool", stage / "locality", cfg.locality_margin,
-                                                  ModelOptions(name=f"local-dir:{stage / 'model'}", device=cfg.device,
-                                                               offline=True)), progress)
-        shutil.rmtree(stage / "locality-pool")
-        timings["locality_s"] = time.monotonic() - t0
-        timings["total_s"] = time.monotonic() - t_start
+    from ..jobs.common import ModelOptions
+    from ..jobs.sensitive import SensitiveConfig, run_sensitive
+    from ._package import failure_groups, write_class_images
+    from .fashion import LABELS
 
-        written = [g for g in groups if g["written"]]
-        case = {
-            "case": CASE, "vitedit_version": __version__,
-            "model": {"architecture": ARCHITECTURE, "img_size": cfg.img_size, "folder": "model",
-                      "load": "timm.create_model('local-dir:<case>/model') or --model local-dir:<case>/model",
-                      "features": "final-norm CLS token (timm pre-logits), frozen backbone",
-                      "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}},
-            "source": provenance, "parity": parity, "recipe": cfg.recipe(),
-            "split": {"manifest": "vitedit/assets/fashion/split.json", "seed": manifest["seed"],
-                      "rule": manifest["rule"]},
-            "figures": {"head_train_images": int(len(train_idx)), "head_train_accuracy": round(train_acc, 4),
-                        "check_images": int(len(check_idx)), "check_accuracy": round(check_acc, 4),
-                        "groups": groups, "groups_written": len(written),
-                        "failures_written": sum(g["failures"] for g in written),
-                        "preserve_images": int(len(preserve_idx)), "locality_pool_images": int(len(locality_idx)),
-                        "locality_images": sensitive["selected"]},
-            "sets": {"failures": "failures", "preserve": "preserve", "check": "check", "locality": "locality"},
-            "timings": {k: round(v, 3 if k.endswith("per_image") else 1) for k, v in timings.items()},
-            "data": "Fashion-MNIST (MIT licence), Debian package dataset-fashion-mnist",
-        }
-        write_json(stage / "case.json", case)
-        if out.exists():  # only reached with --force on a case folder, or an empty folder
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(stage, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
-    return {**case, "path": str(out), "already_built": False}
+    t0 = time.monotonic()
+    save_for_hf(model, str(stage / "model"), model_config={"label_names": list(LABELS)},
+                safe_serialization=True, data_config=data_config)
+    groups = failure_groups(manifest, lambda idx: [int(i) for i in idx if int(i) in wrong], data["test_x"], stage,
+                            "written", MIN_GROUP)
+    write_class_images(stage / "preserve", sets.preserve, data["train_x"], data["train_y"], prefix="train-")
+    write_class_images(stage / "check", sets.check, data["test_x"], data["test_y"])
+    write_class_images(stage / "locality-pool", sets.locality_pool, data["test_x"], data["test_y"])
+    timings["write_s"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    sensitive = run_sensitive(SensitiveConfig(stage / "locality-pool", stage / "locality", cfg.locality_margin,
+                                              ModelOptions(name=f"local-dir:{stage / 'model'}", device=cfg.device,
+                                                           offline=True)), progress)
+    shutil.rmtree(stage / "locality-pool")
+    timings["locality_s"] = time.monotonic() - t0
+    return groups, sensitive
+
+
+def _case_json(cfg: BuildConfig, provenance: dict, parity: dict, manifest: dict, data_config: dict, sets: _CaseSets,
+               fit: dict, groups: list[dict], sensitive: dict, timings: dict) -> dict:
+    """``case.json``: provenance, the recipe, the split, the figures, the sets and the timings."""
+    from .. import __version__
+
+    written = [g for g in groups if g["written"]]
+    return {
+        "case": CASE, "vitedit_version": __version__,
+        "model": {"architecture": ARCHITECTURE, "img_size": cfg.img_size, "folder": "model",
+                  "load": "timm.create_model('local-dir:<case>/model') or --model local-dir:<case>/model",
+                  "features": "final-norm CLS token (timm pre-logits), frozen backbone",
+                  "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}},
+        "source": provenance, "parity": parity, "recipe": cfg.recipe(),
+        "split": {"manifest": "vitedit/assets/fashion/split.json", "seed": manifest["seed"],
+                  "rule": manifest["rule"]},
+        "figures": {"head_train_images": int(len(sets.train)), "head_train_accuracy": round(fit["train_accuracy"], 4),
+                    "check_images": int(len(sets.check)), "check_accuracy": round(fit["check_accuracy"], 4),
+                    "groups": groups, "groups_written": len(written),
+                    "failures_written": sum(g["failures"] for g in written),
+                    "preserve_images": int(len(sets.preserve)), "locality_pool_images": int(len(sets.locality_pool)),
+                    "locality_images": sensitive["selected"]},
+        "sets": {"failures": "failures", "preserve": "preserve", "check": "check", "locality": "locality"},
+        "timings": {k: round(v, 3 if k.endswith("per_image") else 1) for k, v in timings.items()},
+        "data": "Fashion-MNIST (MIT licence), Debian package dataset-fashion-mnist",
+    }
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    """``stage`` becomes ``out``; an ``out`` already there (only with --force on a case folder, or an
+    empty folder) is moved aside first and removed once the new one is in place."""
+    import os
+    import tempfile
+
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(stage, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, out)
