@@ -112,8 +112,14 @@ def main(argv=None) -> None:
     p.add_argument("--stack", action="store_true", help="after the groups: all of them stacked in one workspace")
     p.add_argument("--editors", default="default,plain",
                    help="in this order: every group with the first editor, then every group with the next")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=EDIT.toml",
+                   help="one more editor: the default preset with this --config file (repeatable; run it by naming "
+                        "NAME in --editors)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
+    for v in args.variant:
+        name, _, path = v.partition("=")
+        EDITORS[name] = ["--config", str(Path(path).resolve())]
     case = case_dir()
     meta = json.loads((case / "case.json").read_text())
     model = f"local-dir:{case / meta['model']['folder']}"
@@ -216,7 +222,7 @@ def summarize(out: Path, quiet: bool = False) -> None:
         w.writeheader()
         w.writerows(table)
     means = {}
-    for editor in EDITORS:
+    for editor in dict.fromkeys(t["editor"] for t in table):
         sel = [t for t in table if t["editor"] == editor]
         if sel:
             means[editor] = {"groups": len(sel), **{k: round(float(np.mean([t[k] for t in sel])), 4) for k in
