@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from .device import resolve_device
 from .jobs.apply import ApplyConfig, run_apply
-from .jobs.common import (DEFAULT_SPARSITIES, ModelOptions, Progress, default_check_dir, default_hypernet_for,
-                          default_locality_dir, default_preserve_dir, split_rows)
-from .jobs.experiment import ExperimentOptions, check_disjoint, resolve_edit_config
+from .imagesets import check_disjoint, default_check_dir, default_locality_dir, default_preserve_dir
+from .jobs.common import DEFAULT_SPARSITIES, ModelOptions, Progress, default_hypernet_for, split_rows
+from .jobs.experiment import ExperimentOptions, resolve_edit_config
 from .jobs.export import EXPORT_FORMATS, ExportJob, run_export
 from .jobs.locate import LocateConfig, run_locate
 from .jobs.report import MAX_ACCURACY_DROP, ReportConfig, edit_galleries, plot_tradeoff, recommend, run_report

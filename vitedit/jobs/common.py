@@ -1,5 +1,6 @@
 """What every job shares: the progress callback type, model options, the workspace's model and
-failures, the seeded edit/held-out split and the embedded model's bundled sets."""
+failures, the seeded edit/held-out split and the embedded model's hypernetwork (its bundled image sets
+are ``vitedit.imagesets``'s, re-exported here)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from ..artifacts import sha256_file
 from ..device import resolve_device
 from ..errors import ModelError, UsageError, WorkspaceError
+from ..imagesets import default_check_dir, default_locality_dir, default_preserve_dir  # noqa: F401 (re-exported)
 from ..models import DEFAULT_ASSETS, DEFAULT_MODEL, LoadedModel, load_model
 from ..workspace import Workspace
 
@@ -149,24 +151,3 @@ def default_hypernet_for(loaded: LoadedModel) -> Path | None:
     if loaded.name == DEFAULT_MODEL and (DEFAULT_ASSETS / "hypernet.safetensors").exists():
         return DEFAULT_ASSETS / "hypernet.safetensors"
     return None
-
-
-def _default_asset_dir(loaded: LoadedModel, name: str) -> Path | None:
-    if loaded.name == DEFAULT_MODEL and (DEFAULT_ASSETS / name).is_dir():
-        return DEFAULT_ASSETS / name
-    return None
-
-
-def default_locality_dir(loaded: LoadedModel) -> Path | None:
-    """The embedded model's sensitive set (locality)."""
-    return _default_asset_dir(loaded, "sensitive")
-
-
-def default_preserve_dir(loaded: LoadedModel) -> Path | None:
-    """The embedded model's preserve set: 1,000 in-distribution training images."""
-    return _default_asset_dir(loaded, "preserve")
-
-
-def default_check_dir(loaded: LoadedModel) -> Path | None:
-    """The embedded model's check set: its 1,000-image in-distribution test sample (labeled)."""
-    return _default_asset_dir(loaded, "test")

@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..artifacts import load_tensors, sha256_file
 from ..edit import DEFAULT_OBJECTIVE, EditConfig, Patch, edit
-from ..errors import InputDataError, UsageError
+from ..errors import UsageError
+from ..imagesets import (CHECK, FAILURES, GENERALIZATION, LOCALITY, PRESERVE, ImageSet, check_apart,
+                         check_disjoint,  # noqa: F401 (vitedit.api imports it from here)
+                         default_check_dir, default_locality_dir, default_preserve_dir, set_folder)
 from ..models import LoadedModel, Site
 from ..workspace import Workspace
 from .common import (Progress, _check_holdout, _failure_refs, _image_batches, _load_workspace_model, _noop, _stream,
-                     default_check_dir, default_locality_dir, default_preserve_dir, split_rows)
+                     split_rows)
 
 if TYPE_CHECKING:
     import torch
-
-    from ..data import ImageRef
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,10 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     used only to choose an edit (``job.validation``), and the half its figures are measured on."""
     import torch
 
-    from ..data import load_tensors as load_images, scan_labeled, scan_unlabeled
+    from ..data import load_tensors as load_images
     from ..evaluate import EvalSets, TokenCache, accuracy
     from ..history import History, units_changed
 
-    holdout, generalization, locality, seed = opts.holdout, opts.generalization, opts.locality, opts.seed
-    skip_bad = opts.skip_bad_images
     state = ws.state()
     loaded = _load_workspace_model(ws, state, opts.device)
     sites = tuple(Site.from_json(d) for d in state["sites"])
@@ -121,126 +120,210 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
     failures = _failure_refs(ws, state)
     labels = torch.tensor([r.label for r in failures], dtype=torch.long, device=dev)
-    seed = state["seed"] if seed is None else seed
+    seed = state["seed"] if opts.seed is None else opts.seed
     start = min(s.block for s in sites)
-    skipped: list = []
 
-    # Edit images: few, held in memory (the edit fits them in one batch). Held-out, generalization
-    # and locality images: read in batches, cached as tokens only while under the budget.
-    if generalization is not None:
-        edit_rows, hold_rows = list(range(len(failures))), []
-        g_batches = _image_batches(scan_labeled(Path(generalization), loaded.labels), loaded, skip_bad, progress,
-                                   "generalization set")
-        skipped += g_batches.bad
-        gen_source = f"{generalization}"
-    else:
-        edit_rows, hold_rows = split_rows(len(failures), state["holdout"] if holdout is None else holdout, seed,
-                                          state.get("max_edit_images"))
-        g_batches = _image_batches([failures[i] for i in hold_rows], loaded, False, progress,
-                                   "held-out failures") if hold_rows else None
-        gen_source = "held-out failures"
-    v_batches = None
-    if validation:
-        if g_batches is None or len(g_batches.refs) < 2:
-            raise UsageError("--sparsity auto needs at least 2 held-out failures to choose on; give more failures, "
-                             "a larger --holdout, or a number for --sparsity")
-        perm = torch.randperm(len(g_batches.refs), generator=torch.Generator().manual_seed(seed + 1)).tolist()
-        half = len(perm) // 2
-        v_refs = [g_batches.refs[i] for i in sorted(perm[:half])]
-        m_refs = [g_batches.refs[i] for i in sorted(perm[half:])]
-        v_batches = _image_batches(v_refs, loaded, False, progress, "validation failures")
-        g_batches = _image_batches(m_refs, loaded, False, progress, "held-out failures")
-        gen_source = f"{gen_source} (the half not used to choose the sparsity)"
-    g_labels = torch.tensor([r.label for r in g_batches.refs], dtype=torch.long, device=dev) if g_batches else None
-
+    # Edit images: few, held in memory (the edit fits them in one batch). Held-out, generalization,
+    # locality and check images: read in batches, cached as tokens only while under the budget.
+    split = _split_failures(state, opts, failures, loaded, seed, progress, validation)
     progress("caching activations", 0, 3)
-    edit_images, _, _ = load_images([failures[i] for i in edit_rows], loaded.transform, loaded.channels)
+    edit_images, _, _ = load_images([failures[i] for i in split.edit_rows], loaded.transform, loaded.channels)
     edit_images = edit_images.to(dev)
     edit_cache = TokenCache(loaded.model, start, edit_images)
     progress("caching activations", 1, 3)
-    holdout_cache = TokenCache(loaded.model, start, _stream(g_batches, dev)) if g_batches else None
+    held = _cached(split.held, loaded, start, labeled=True)
     progress("caching activations", 2, 3)
-    locality_dir = Path(locality) if locality is not None else default_locality_dir(loaded)
-    loc_cache, loc_base, l_refs = None, None, []
-    if locality_dir is not None:
-        l_batches = _image_batches(scan_unlabeled(locality_dir), loaded, skip_bad, progress, "locality set")
-        skipped += l_batches.bad
-        l_refs = l_batches.refs
-        loc_cache = TokenCache(loaded.model, start, _stream(l_batches, dev))
-        loc_base = loc_cache.predict()
+    locality = _cache_folder(LOCALITY, "locality set", set_folder(opts.locality, default_locality_dir(loaded)), loaded,
+                             start, opts.skip_bad_images, progress, labeled=False)
     progress("caching activations", 3, 3)
-
     # The check set (labeled, measured only) and the preserve set (fitted on, never measured).
-    check_dir = None if opts.no_check else (Path(opts.check) if opts.check is not None else default_check_dir(loaded))
-    check_cache = check_labels = check_base = None
-    c_refs: list = []
-    if check_dir is not None:
-        c_batches = _image_batches(scan_labeled(check_dir, loaded.labels), loaded, skip_bad, progress, "check set")
-        skipped += c_batches.bad
-        c_refs = c_batches.refs
-        check_labels = torch.tensor([r.label for r in c_refs], dtype=torch.long, device=dev)
-        check_cache = TokenCache(loaded.model, start, _stream(c_batches, dev))
-        check_base = check_cache.predict()
-    preserve_dir = None if opts.no_preserve else (
-        Path(opts.preserve) if opts.preserve is not None else default_preserve_dir(loaded))
-    preserve, preserve_note, stats = None, None, None
-    if preserve_dir is not None:
-        measured = {"check set (--check)": (check_dir, c_refs), "locality set (--locality)": (locality_dir, l_refs),
-                    "generalization set": (Path(generalization) if generalization else None,
-                                           g_batches.refs if g_batches else []),
-                    "failures": (Path(state["failures_dir"]), failures)}
-        p_refs = scan_unlabeled(preserve_dir)
-        check_disjoint(preserve_dir, p_refs, measured)
-        # on top of a stack the ordinary images keep the *base* model's predictions (they were never
-        # meant to change; holding them to the stack would let every edit's drift compound), while
-        # the earlier edits' own images keep the stack's (the anchor set, below)
-        wanted = resolve_edit_config(loaded, opts.edit, opts.objective)
-        if wanted.uses_preserve or not wanted.uses_stats:
-            preserve, preserve_note, bad = _load_preserve(p_refs, loaded, sites, skip_bad, seed, progress,
-                                                          targets_from=base_weights if stacked else None)
-            skipped += bad
-        if wanted.uses_stats:
-            stats, bad = _load_stats(ws, loaded, sites, p_refs, skip_bad, progress,
-                                     base_weights=base_weights if stacked else None)
-            skipped += [b for b in bad if b not in skipped]
+    check = _cache_folder(CHECK, "check set", set_folder(opts.check, default_check_dir(loaded), opts.no_check), loaded,
+                          start, opts.skip_bad_images, progress, labeled=True)
+    skipped = split.bad + locality.bad + check.bad
+    measured = [check.image_set, locality.image_set, ImageSet(GENERALIZATION, split.folder, held.refs),
+                ImageSet(FAILURES, Path(state["failures_dir"]), failures)]
+    kept = _preserve_for(ws, opts, loaded, sites, seed, progress, measured, base_weights if stacked else None)
+    skipped += kept.bad
+    skipped += [b for b in kept.stats_bad if b not in skipped]
 
-    sets = EvalSets(edit_cache, labels[edit_rows], holdout_cache, g_labels, loc_cache, loc_base,
-                    check_cache, check_labels, check_base)
+    sets = EvalSets(edit_cache, labels[split.edit_rows], held.cache, held.labels, locality.cache, locality.base,
+                    check.cache, check.labels, check.base)
     val_sets = None
-    if v_batches is not None:
-        val_sets = replace(sets, holdout=TokenCache(loaded.model, start, _stream(v_batches, dev)),
-                           holdout_labels=torch.tensor([r.label for r in v_batches.refs], dtype=torch.long, device=dev))
-    # the base model's locality is 1 by definition, and its check predictions are check_base already
+    if split.validation is not None:
+        val = _cached(split.validation, loaded, start, labeled=True)
+        val_sets = replace(sets, holdout=val.cache, holdout_labels=val.labels)
+    # the base model's locality is 1 by definition, and its check predictions are check.base already
     base_metrics = replace(sets, locality=None, check=None).measure({})
-    base_check_accuracy = accuracy(check_base, check_labels) if check_base is not None else None
+    base_check_accuracy = accuracy(check.base, check.labels) if check.base is not None else None
     edit_config = resolve_edit_config(loaded, opts.edit, opts.objective)
-    notes = [preserve_note] if preserve_note else []
-    anchors = None
-    anchor_moments = None
+    notes = [kept.note] if kept.note else []
+    anchors, anchor_moments = None, None
     if stacked and edit_config.anchor_weight > 0:
-        anchors, note = _load_anchors(ws, loaded, sites, [r.path for r in (g_batches.refs if g_batches else [])],
-                                      progress, views=edit_config.anchor_views, seed=seed)
-        if note:
-            notes.append(note)
-        if anchors is not None and stats is not None:  # the earlier edits' images' inputs, under the base weights
-            from ..preserve import input_second_moments
-
-            anchor_moments = input_second_moments(loaded.model, sites, anchors.tokens, weights=base_weights)
-    if (preserve is None and edit_config.uses_preserve) or (stats is None and edit_config.uses_stats):
+        anchors, anchor_moments = _anchors_for(ws, loaded, sites, held.refs, progress, edit_config, seed, kept.stats,
+                                               base_weights, notes)
+    if (kept.preserve is None and edit_config.uses_preserve) or (kept.stats is None and edit_config.uses_stats):
         edit_config = edit_config.without_preserve()
         notes.append("no preserve set was given (--preserve DIR: ordinary images of the model's inputs), so nothing "
                      "held the rest of the model in place; expect a larger accuracy drop")
-    return _Job(ws, state, loaded, sites, edit_cache.tokens, labels[edit_rows], sets, per_image, edit_rows, hold_rows,
-                edit_config, seed, locality_dir, gen_source,
+    return _Job(ws, state, loaded, sites, edit_cache.tokens, labels[split.edit_rows], sets, per_image, split.edit_rows,
+                split.hold_rows, edit_config, seed, locality.folder, split.source,
                 # the unedited model's accuracy on the generalization set is measure({})'s generalization
                 base={"success": base_metrics.success, "generalization": base_metrics.generalization,
                       "holdout_base_accuracy": base_metrics.generalization,
                       "check_accuracy": base_check_accuracy},
-                skipped=skipped, preserve=preserve, preserve_dir=preserve_dir, check_dir=check_dir, notes=notes,
+                skipped=skipped, preserve=kept.preserve, preserve_dir=kept.folder, check_dir=check.folder, notes=notes,
                 edit_images=edit_images, validation=val_sets,
-                refs={"edit": [failures[i] for i in edit_rows], "holdout": g_batches.refs if g_batches else [],
-                      "check": c_refs, "locality": l_refs}, stacked=stacked, anchors=anchors, exclude=exclude,
-                stats=stats, anchor_moments=anchor_moments)
+                refs={"edit": [failures[i] for i in split.edit_rows], "holdout": held.refs,
+                      "check": check.refs, "locality": locality.refs}, stacked=stacked, anchors=anchors,
+                exclude=exclude, stats=kept.stats, anchor_moments=anchor_moments)
+
+
+@dataclass
+class _Split:
+    """The failures' split: edit rows, held-out rows, and the generalization images measured on
+    (held-out failures or a folder; ``validation``: the half kept to choose an edit on)."""
+
+    edit_rows: list[int]
+    hold_rows: list[int]
+    held: object = None              # data.ImageBatches | None
+    validation: object = None        # data.ImageBatches | None (--sparsity auto)
+    source: str = "held-out failures"
+    folder: Path | None = None       # --generalization DIR
+    bad: list = field(default_factory=list)
+
+
+def _split_failures(state: dict, opts: ExperimentOptions, failures: list, loaded: LoadedModel, seed: int,
+                    progress: Progress, validation: bool) -> _Split:
+    """All failures are edit images and ``--generalization DIR`` is measured on, or a seeded split of
+    the failures into edit images and held-out ones (measured on)."""
+    from ..data import scan_labeled
+
+    if opts.generalization is not None:
+        g_batches = _image_batches(scan_labeled(Path(opts.generalization), loaded.labels), loaded,
+                                   opts.skip_bad_images, progress, "generalization set")
+        split = _Split(list(range(len(failures))), [], g_batches, None, f"{opts.generalization}",
+                       Path(opts.generalization), list(g_batches.bad))
+    else:
+        edit_rows, hold_rows = split_rows(len(failures), state["holdout"] if opts.holdout is None else opts.holdout,
+                                          seed, state.get("max_edit_images"))
+        g_batches = _image_batches([failures[i] for i in hold_rows], loaded, False, progress,
+                                   "held-out failures") if hold_rows else None
+        split = _Split(edit_rows, hold_rows, g_batches)
+    return _halve(split, loaded, seed, progress) if validation else split
+
+
+def _halve(split: _Split, loaded: LoadedModel, seed: int, progress: Progress) -> _Split:
+    """The generalization images split (seeded) into a validation half and the half measured on."""
+    import torch
+
+    if split.held is None or len(split.held.refs) < 2:
+        raise UsageError("--sparsity auto needs at least 2 held-out failures to choose on; give more failures, "
+                         "a larger --holdout, or a number for --sparsity")
+    refs = split.held.refs
+    perm = torch.randperm(len(refs), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    half = len(perm) // 2
+    v_batches = _image_batches([refs[i] for i in sorted(perm[:half])], loaded, False, progress, "validation failures")
+    m_batches = _image_batches([refs[i] for i in sorted(perm[half:])], loaded, False, progress, "held-out failures")
+    return replace(split, held=m_batches, validation=v_batches,
+                   source=f"{split.source} (the half not used to choose the sparsity)")
+
+
+@dataclass
+class _Cached:
+    """A measured set cached at the first edited block (``cache`` None: no such set), with its labels
+    (labeled sets) and the base model's top-1 on it (folders)."""
+
+    folder: Path | None = None
+    refs: list = field(default_factory=list)
+    cache: object = None             # evaluate.TokenCache | None
+    labels: "torch.Tensor | None" = None
+    base: "torch.Tensor | None" = None
+    bad: list = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def image_set(self) -> ImageSet:
+        return ImageSet(self.name, self.folder, self.refs)
+
+
+def _cached(batches, loaded: LoadedModel, start: int, labeled: bool) -> _Cached:
+    """``batches`` (data.ImageBatches; None or empty: no set) streamed into a token cache."""
+    import torch
+
+    from ..evaluate import TokenCache
+
+    if not batches:
+        return _Cached()
+    dev = next(loaded.model.parameters()).device
+    labels = torch.tensor([r.label for r in batches.refs], dtype=torch.long, device=dev) if labeled else None
+    return _Cached(refs=batches.refs, cache=TokenCache(loaded.model, start, _stream(batches, dev)), labels=labels,
+                   bad=batches.bad)
+
+
+def _cache_folder(name: str, what: str, folder: Path | None, loaded: LoadedModel, start: int, skip_bad: bool,
+                  progress: Progress, labeled: bool) -> _Cached:
+    """The set in ``folder`` (None: no such set) cached, with the base model's top-1 on it; ``name``
+    for errors, ``what`` for progress."""
+    from ..data import scan_labeled, scan_unlabeled
+
+    if folder is None:
+        return _Cached(name=name)
+    refs = scan_labeled(folder, loaded.labels) if labeled else scan_unlabeled(folder)
+    cached = _cached(_image_batches(refs, loaded, skip_bad, progress, what), loaded, start, labeled)
+    return replace(cached, folder=folder, base=cached.cache.predict(), name=name)
+
+
+@dataclass
+class _Kept:
+    """The preserve set as the edit config needs it: its tokens (``preserve``, with a note when cut to
+    the budget) and/or its statistics, and the images skipped reading each."""
+
+    folder: Path | None = None
+    preserve: object = None          # preserve.PreserveSet | None
+    note: str | None = None
+    stats: object = None             # stats.PreserveStats | None
+    bad: list = field(default_factory=list)
+    stats_bad: list = field(default_factory=list)
+
+
+def _preserve_for(ws: Workspace, opts: ExperimentOptions, loaded: LoadedModel, sites, seed: int, progress: Progress,
+                  measured: list[ImageSet], base_weights: dict | None) -> _Kept:
+    """The preserve set (given, bundled, or none), checked apart from every ``measured`` set.
+
+    On top of a stack (``base_weights``) the ordinary images keep the *base* model's predictions
+    (they were never meant to change; holding them to the stack would let every edit's drift
+    compound), while the earlier edits' own images keep the stack's (the anchor set)."""
+    from ..data import scan_unlabeled
+
+    folder = set_folder(opts.preserve, default_preserve_dir(loaded), opts.no_preserve)
+    if folder is None:
+        return _Kept()
+    refs = scan_unlabeled(folder)
+    check_apart(ImageSet(PRESERVE, folder, refs), measured)
+    kept = _Kept(folder)
+    wanted = resolve_edit_config(loaded, opts.edit, opts.objective)
+    if wanted.uses_preserve or not wanted.uses_stats:
+        kept.preserve, kept.note, kept.bad = _load_preserve(refs, loaded, sites, opts.skip_bad_images, seed, progress,
+                                                            targets_from=base_weights)
+    if wanted.uses_stats:
+        kept.stats, kept.stats_bad = _load_stats(ws, loaded, sites, refs, opts.skip_bad_images, progress,
+                                                 base_weights=base_weights)
+    return kept
+
+
+def _anchors_for(ws: Workspace, loaded: LoadedModel, sites, measured_refs: list, progress: Progress,
+                 edit_config: EditConfig, seed: int, stats, base_weights: dict | None, notes: list[str]):
+    """The anchor set of an edit on top of the history and, with statistics, the anchors' input
+    moments under the base weights; a note on images left out goes to ``notes``."""
+    anchors, note = _load_anchors(ws, loaded, sites, [r.path for r in measured_refs], progress,
+                                  views=edit_config.anchor_views, seed=seed)
+    if note:
+        notes.append(note)
+    if anchors is None or stats is None:
+        return anchors, None
+    from ..preserve import input_second_moments
+
+    return anchors, input_second_moments(loaded.model, sites, anchors.tokens, weights=base_weights)
 
 
 def _load_anchors(ws: Workspace, loaded: LoadedModel, sites, measured_paths: Sequence[Path], progress: Progress,
@@ -294,30 +377,6 @@ def _stack(ws: Workspace, state: dict, loaded: LoadedModel, on_top: bool) -> int
         raise UsageError(f"the workspace holds {stacked} edit(s) but locate scored on top of {scored_on}; run "
                          "`vitedit locate FAILURES --on-top` again")
     return stacked
-
-
-def check_disjoint(preserve_dir: Path, preserve_refs: Sequence["ImageRef"], measured: dict) -> None:
-    """Refuse a preserve set that is, or shares images with, a set that is measured.
-
-    ``measured`` maps a name to (folder or None, refs). The same folder (or one inside the other) is a
-    ``UsageError``; an image file with the same content in both is an ``InputDataError`` naming it.
-    A preserve image in a measurement set would be fitted to stay unchanged and then counted as
-    unchanged: the measurement would flatter the edit.
-    """
-    root = Path(preserve_dir).resolve()
-    for what, (folder, _) in measured.items():
-        if folder is None:
-            continue
-        other = Path(folder).resolve()
-        if other == root or root in other.parents or other in root.parents:
-            raise UsageError(f"--preserve {preserve_dir} is the {what} folder {folder} (or contains it): the images an "
-                             "edit is fitted to keep must not be the ones it is measured on; pass another folder")
-    hashes = {sha256_file(r.path): r.path for r in preserve_refs}
-    for what, (_, refs) in measured.items():
-        for r in refs:
-            if sha256_file(r.path) in hashes:
-                raise InputDataError(f"{r.path} in the {what} is the same image as {hashes[sha256_file(r.path)]} in the "
-                                     "preserve set; remove it from one of them (the sets must not overlap)")
 
 
 def _load_preserve(refs, loaded: LoadedModel, sites, skip_bad: bool, seed: int, progress: Progress,

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..edit import Patch
 from ..errors import UsageError, WorkspaceError
+from ..imagesets import default_locality_dir
 from ..models import LoadedModel, load_model
 from ..workspace import Workspace
-from .common import Progress, _failure_refs, _load_workspace_model, _noop, default_locality_dir
+from .common import Progress, _failure_refs, _load_workspace_model, _noop
 
 if TYPE_CHECKING:
     import torch
