@@ -237,3 +237,24 @@ def test_matched_accuracy_drop_interpolates_the_papers_curve_and_states_what_it_
     origin = {r["setting"]: r for r in matched_accuracy_drop(summary, "local-hypernet", origin=True)}
     # with the unedited model at (0, 0): at drop 0.5 the paper's curve is at 0.25
     assert origin[0.25]["gain"] == pytest.approx(0.45 - 0.25) and origin[0.25]["groups_outside"] == 1
+
+
+@pytest.mark.parametrize("overlap,needle", [("sensitive", "in the locality set (--locality) is the same image as"),
+                                            ("failures/shirt", "in the failures (shirt) is the same image as")])
+def test_the_preserve_set_shares_no_image_with_a_measured_set(tmp_path, overlap, needle):
+    """The local methods' preserve set gets apply's checks: besides the check set, no image of the
+    locality set (it was compared by folder only) or of a failure group run (not compared at all)."""
+    import shutil
+
+    from vitedit.errors import InputDataError
+    from vitedit.models import DEFAULT_ASSETS
+
+    preserve = tmp_path / "preserve"
+    preserve.mkdir()
+    for src in sorted((DEFAULT_ASSETS / "preserve").rglob("*.png"))[:3] + sorted((DEFAULT_ASSETS / overlap).rglob("*.png"))[:1]:
+        shutil.copyfile(src, preserve / f"{src.parent.name}-{src.name}")
+    cfg = BenchmarkConfig(groups=("shirt",), methods=("local-random",), edit_images=(1,), edits_per_group=1,
+                          out=tmp_path / "out", preserve=preserve)
+    with pytest.raises(InputDataError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        run_benchmark(cfg, lambda *a: None)
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written

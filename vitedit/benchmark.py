@@ -35,10 +35,13 @@ import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .artifacts import atomic_path, portable_path, sha256_file, write_json
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 SPARSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 L1_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -91,6 +94,12 @@ def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+def config_record(cfg) -> dict:
+    """A run's frozen config as results record it: tuples as lists, paths portable."""
+    return {k: (list(v) if isinstance(v, tuple) else portable_path(v) if isinstance(v, Path) else v)
+            for k, v in asdict(cfg).items()}
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and the half-width of a 95% normal-approximation confidence interval."""
     vals = [v for v in values if v is not None]
@@ -104,97 +113,152 @@ def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None]) -> dict:
-    import torch
-
-    from .data import load_tensors, scan_labeled, scan_unlabeled
+    """The benchmark of the module docstring; writes results.json, edits.csv, summary.csv and
+    tradeoff.png under ``cfg.out`` and returns the results (without the per-edit rows)."""
     from .demo import examples
-    from .edit import edit
-    from .evaluate import TokenCache
-    from .hypernet import load_hypernet
-    from .locate import LocateInputs, bilevel_locator, gradient_locator, random_locator
-    from .locate import aggregate as mean_scores
-    from .masks import UnitScores
+    from .imagesets import benchmark_sets, failure_group
     from .models import load_model
-    from .pipeline import (check_disjoint, default_check_dir, default_hypernet_for, default_locality_dir,
-                           default_preserve_dir, resolve_edit_config)
-    from .preserve import build_preserve_set
+    from .pipeline import resolve_edit_config
 
     t_start = time.time()
-    published = None
-    if cfg.compare_to is not None:  # read it first: fail fast, and before --out could replace it
-        from .artifacts import read_json
-
-        if Path(cfg.compare_to).resolve() == (Path(cfg.out) / "results.json").resolve():
-            raise UsageError("--compare names the results.json this run would overwrite; pass another --out")
-        published = read_json(cfg.compare_to, "published benchmark results")
-        if not isinstance(published.get("summary"), list):
-            raise UsageError(f"--compare: {cfg.compare_to} has no 'summary' list; pass a results.json written by "
-                             "`vitedit benchmark`")
+    published = _read_published(cfg)  # read first: fail fast, and before --out could replace it
     loaded = load_model(None)
-    model = loaded.model
     sites = tuple(loaded.sites())
-    start = min(s.block for s in sites)
     all_groups = {g["group"]: g for g in examples()}
     groups = list(cfg.groups) if cfg.groups else sorted(all_groups)
     unknown = [g for g in groups if g not in all_groups]
     if unknown:
         raise UsageError(f"--groups: unknown {', '.join(unknown)}; see `vitedit examples`")
     methods = list(cfg.methods)
-    hypernet, hypernet_id = None, None
-    if "hypernet" in methods or "local-hypernet" in methods:
-        path = cfg.hypernet or default_hypernet_for(loaded)
-        if path is None:
-            raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
-        hypernet, _ = load_hypernet(Path(path), loaded.identity, sites)
-        # Which one was measured, by content; the shipped one by name, not by this machine's install path.
-        hypernet_id = {"path": portable_path(cfg.hypernet) if cfg.hypernet else "shipped", "sha256": sha256_file(path)}
+    hypernet, hypernet_id = _hypernet_for(cfg, loaded, sites, methods)
+    sets = benchmark_sets(loaded, {g: failure_group(loaded, g, Path(all_groups[g]["path"])) for g in groups},
+                          check=cfg.check, locality=cfg.locality, preserve=cfg.preserve,
+                          with_preserve=any(m in LOCAL_METHODS for m in methods))
+    frozen = _cache_frozen(loaded, sites, sets, hypernet, methods, progress)
+    bench = _Bench(cfg, loaded, sites, methods, hypernet, frozen,
+                   resolve_edit_config(loaded, {"lr": cfg.lr, "max_steps": cfg.max_steps}),
+                   resolve_edit_config(loaded, {"lr": cfg.lr}, "local"))
+    rows_out = _run_edits(bench, _plan(cfg, frozen.groups), _variants(cfg, methods), progress)
 
-    def load_set(refs, what):
-        x, good, _ = load_tensors(refs, loaded.transform, loaded.channels, progress=lambda d, t: progress(what, d, t))
-        return x, good
+    summary = aggregate(rows_out)
+    result = _result(bench, groups, hypernet_id, summary, t_start)
+    if published is not None:
+        result["comparison"] = _comparison(cfg, result, published, hypernet_id, groups, summary, rows_out)
+    out = Path(cfg.out)
+    _write_outputs(out, result, rows_out, summary, cfg.edit_images)
+    result["out"] = str(out)
+    return result
 
+
+def _read_published(cfg: BenchmarkConfig) -> dict | None:
+    """The results.json ``--compare`` names (None without one), checked to be a benchmark's."""
+    if cfg.compare_to is None:
+        return None
+    from .artifacts import read_json
+
+    if Path(cfg.compare_to).resolve() == (Path(cfg.out) / "results.json").resolve():
+        raise UsageError("--compare names the results.json this run would overwrite; pass another --out")
+    published = read_json(cfg.compare_to, "published benchmark results")
+    if not isinstance(published.get("summary"), list):
+        raise UsageError(f"--compare: {cfg.compare_to} has no 'summary' list; pass a results.json written by "
+                         "`vitedit benchmark`")
+    return published
+
+
+def _hypernet_for(cfg: BenchmarkConfig, loaded, sites, methods: list[str]) -> tuple[object, dict | None]:
+    """The hypernetwork the hypernet methods use and what identifies it (None, None when none runs)."""
+    from .hypernet import load_hypernet
+    from .pipeline import default_hypernet_for
+
+    if "hypernet" not in methods and "local-hypernet" not in methods:
+        return None, None
+    path = cfg.hypernet or default_hypernet_for(loaded)
+    if path is None:
+        raise UsageError("the hypernet method needs a hypernetwork: pass --hypernet PATH or leave it out of --methods")
+    hypernet, _ = load_hypernet(Path(path), loaded.identity, sites)
+    # Which one was measured, by content; the shipped one by name, not by this machine's install path.
+    return hypernet, {"path": portable_path(cfg.hypernet) if cfg.hypernet else "shipped", "sha256": sha256_file(path)}
+
+
+@dataclass
+class _Frozen:
+    """What no edit changes, cached at the first edited block: the locality (sensitive) set and the
+    check set with the base model's predictions, the preserve set, and per group its images, labels,
+    token cache and hypernetwork input (and, when asked, its group-gradient scores)."""
+
+    sens: object                     # evaluate.TokenCache
+    sens_base: "torch.Tensor"
+    test: object                     # evaluate.TokenCache
+    test_y: "torch.Tensor"
+    test_base: "torch.Tensor"
+    base_test_acc: float
+    preserve: object                 # preserve.PreserveSet | None
+    groups: dict                     # group -> (images, labels, TokenCache, features or None)
+    group_scores: dict
+
+
+def _cache_frozen(loaded, sites, sets, hypernet, methods: list[str], progress) -> _Frozen:
+    import torch
+
+    from .evaluate import TokenCache
+    from .imagesets import read_set
+    from .locate import LocateInputs, gradient_locator
+    from .locate import aggregate as mean_scores
+    from .preserve import build_preserve_set
+
+    model, start = loaded.model, min(s.block for s in sites)
     progress("caching", 0, 3)
-    sens_x, _ = load_set(scan_unlabeled(cfg.locality or default_locality_dir(loaded)), "loading locality set")
-    sens = TokenCache(model, start, sens_x)
+    sens = TokenCache(model, start, read_set(sets.locality, loaded, progress, "loading locality set")[0])
     sens_base = sens.predict()
-    check_dir = Path(cfg.check) if cfg.check is not None else default_check_dir(loaded)
-    test_x, test_refs = load_set(scan_labeled(check_dir, loaded.labels), "loading check set")
+    test_x, test_refs = read_set(sets.check, loaded, progress, "loading check set")
     test_y = torch.tensor([r.label for r in test_refs])
     test = TokenCache(model, start, test_x)
     del test_x
     test_base = test.predict()
-    base_test_acc = float((test_base == test_y).float().mean())
     preserve = None
-    if any(m in LOCAL_METHODS for m in methods):
-        preserve_dir = Path(cfg.preserve) if cfg.preserve is not None else default_preserve_dir(loaded)
-        p_refs = scan_unlabeled(preserve_dir)
-        check_disjoint(preserve_dir, p_refs, {"check set": (check_dir, test_refs),
-                                              "locality set": (cfg.locality or default_locality_dir(loaded), [])})
-        preserve = build_preserve_set(model, sites, load_set(p_refs, "loading preserve set")[0])
+    if sets.preserve is not None:
+        preserve = build_preserve_set(model, sites, read_set(sets.preserve, loaded, progress, "loading preserve set")[0])
     group_data = {}
-    for g in groups:
-        x, refs = load_set(scan_labeled(Path(all_groups[g]["path"]), loaded.labels), f"loading {g}")
-        y = torch.tensor([r.label for r in refs])
+    for g, group in sets.groups.items():
+        x, refs = read_set(group, loaded, progress, f"loading {g}")
         cache = TokenCache(model, start, x)
         feats = None
         if hypernet is not None:
             with torch.no_grad():  # the hypernetwork's input, from the cached prefix: (N, T, D) -> (N, D)
                 feats = cache.suffix(cache.tokens, pre_logits=True)
-        group_data[g] = (x, y, cache, feats)
+        group_data[g] = (x, torch.tensor([r.label for r in refs]), cache, feats)
     group_scores = {}
     if "group-gradient" in methods:
-        for g in groups:
-            x, y = group_data[g][:2]
+        for g, (x, y, _, _) in group_data.items():
             group_scores[g] = mean_scores(gradient_locator(LocateInputs(model, sites, x, y)), sites, None,
                                           "group-gradient")
     progress("caching", 3, 3)
+    return _Frozen(sens, sens_base, test, test_y, test_base, float((test_base == test_y).float().mean()), preserve,
+                   group_data, group_scores)
 
-    edit_cfg = resolve_edit_config(loaded, {"lr": cfg.lr, "max_steps": cfg.max_steps})
-    local_cfg = resolve_edit_config(loaded, {"lr": cfg.lr}, "local")
-    edit_lr = edit_cfg.lr
-    plan = []  # (group, k, edit index, rows)
-    for g in groups:
-        n = len(group_data[g][1])
+
+@dataclass
+class _Bench:
+    """One run's fixed parts: its config, model, sites and methods, the hypernetwork, the frozen caches
+    and the two editors' configs (the paper's fine-tune and the local editor)."""
+
+    cfg: BenchmarkConfig
+    loaded: object                   # models.LoadedModel
+    sites: tuple
+    methods: list[str]
+    hypernet: object
+    frozen: _Frozen
+    edit_cfg: object                 # edit.EditConfig
+    local_cfg: object
+
+
+def _plan(cfg: BenchmarkConfig, group_data: dict) -> list[tuple[str, int, int, list[int]]]:
+    """(group, edit images, edit index, rows): each group's edit images, drawn per (group, setting)."""
+    import torch
+
+    plan = []
+    for g, (_, y, _, _) in group_data.items():
+        n = len(y)
         for k in cfg.edit_images:
             if n <= k:
                 continue
@@ -202,6 +266,11 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             for e in range(cfg.edits_per_group):
                 rows = torch.randperm(n, generator=gen)[:k].sort().values.tolist()
                 plan.append((g, k, e, rows))
+    return plan
+
+
+def _variants(cfg: BenchmarkConfig, methods: list[str]) -> list[tuple[str, str, float]]:
+    """(method, knob, value) for every setting of every method's sweep."""
     variants = []
     for m in methods:
         if m in LOCAL_METHODS:
@@ -210,101 +279,142 @@ def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None
             variants += [(m, "sparsity", s) for s in cfg.sparsities]
         else:
             variants += [(m, "strength", s) for s in (cfg.l1_strengths if m == "l1" else cfg.l2_strengths)]
+    return variants
 
-    full = UnitScores(sites, {s.param: torch.ones(s.units) for s in sites}, "all").select(1.0)  # l1/l2: every unit
+
+def _run_edits(bench: _Bench, plan: list, variants: list, progress) -> list[dict]:
+    """Every (planned edit, variant): one edit from the unedited model, measured."""
+    import torch
+
+    from .masks import UnitScores
+
+    full = UnitScores(bench.sites, {s.param: torch.ones(s.units) for s in bench.sites}, "all").select(1.0)  # l1/l2
     rows_out = []
     total = len(plan) * len(variants)
-    done = 0
     for g, k, e, rows in plan:
-        x, y, cache, feats = group_data[g]
-        others = [i for i in range(len(y)) if i not in set(rows)]
-        edit_tokens, edit_labels = cache.tokens[rows], y[rows]
-        per_image = {}
-        uses = {m.removeprefix("local-") for m in methods}
-        if "hypernet" in uses:
-            with torch.no_grad():
-                scores = hypernet(feats[rows])
-            per_image["hypernet"] = UnitScores(sites, {s.param: sc.mean(0) for s, sc in zip(sites, scores)}, "hypernet")
-        if "gradient" in uses:
-            gs = gradient_locator(LocateInputs(model, sites, x[rows], edit_labels))
-            per_image["gradient"] = mean_scores(gs, sites, None, "gradient")
-        if "bilevel" in methods:
-            bs = bilevel_locator(LocateInputs(model, sites, x[rows], edit_labels, seed=_seed(cfg.seed, g, k, e, "bilevel")))
-            per_image["bilevel"] = mean_scores(bs, sites, None, "bilevel")
-        if "group-gradient" in methods:
-            per_image["group-gradient"] = group_scores[g]
-        if "random" in uses:
-            rs = random_locator(LocateInputs(model, sites, None, None, seed=_seed(cfg.seed, g, k, e, "random")))
-            per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")
+        per_image = _mask_scores(bench, g, k, e, rows)
         for method, knob, value in variants:
             if knob == "sparsity":
                 mask, penalty = per_image[method.removeprefix("local-")].select(value), None
             else:
                 mask, penalty = full, (method, value)
-            local = method in LOCAL_METHODS
-            res = edit(model, mask, x[rows], edit_labels, local_cfg if local else edit_cfg, tokens=edit_tokens,
-                       penalty=penalty, preserve=preserve if local else None, seed=_seed(cfg.seed, g, k, e, "preserve"))
-            w = res.patch.weights(model)
-            gen_acc = float((cache.predict(w)[others] == y[others]).float().mean()) if others else None
-            test_pred = test.predict(w)
-            rows_out.append({
-                "group": g, "edit_images": k, "edit": e, "method": method, knob: value,
-                "sparsity": value if knob == "sparsity" else None, "strength": value if knob == "strength" else None,
-                "units_edited": mask.selected, "steps": res.steps, "converged": res.converged,
-                "success": res.edit_accuracy, "generalization": gen_acc,
-                "locality": float((sens.predict(w) == sens_base).float().mean()),
-                "accuracy_drop": round(100.0 * (base_test_acc - float((test_pred == test_y).float().mean())), 4),
-                "flip_rate": float((test_pred != test_base).float().mean()),
-            })
-            done += 1
-            progress("benchmark edits", done, total)
+            rows_out.append(_edit_row(bench, g, k, e, rows, method, knob, value, mask, penalty))
+            progress("benchmark edits", len(rows_out), total)
+    return rows_out
 
-    summary = aggregate(rows_out)
+
+def _mask_scores(bench: _Bench, g: str, k: int, e: int, rows: list[int]) -> dict:
+    """Each mask method's unit scores for one edit's images (local methods share their mask's)."""
+    import torch
+
+    from .locate import LocateInputs, bilevel_locator, gradient_locator, random_locator
+    from .locate import aggregate as mean_scores
+    from .masks import UnitScores
+
+    model, sites, methods, seed = bench.loaded.model, bench.sites, bench.methods, bench.cfg.seed
+    x, y, _, feats = bench.frozen.groups[g]
+    edit_labels = y[rows]
+    per_image = {}
+    uses = {m.removeprefix("local-") for m in methods}
+    if "hypernet" in uses:
+        with torch.no_grad():
+            scores = bench.hypernet(feats[rows])
+        per_image["hypernet"] = UnitScores(sites, {s.param: sc.mean(0) for s, sc in zip(sites, scores)}, "hypernet")
+    if "gradient" in uses:
+        gs = gradient_locator(LocateInputs(model, sites, x[rows], edit_labels))
+        per_image["gradient"] = mean_scores(gs, sites, None, "gradient")
+    if "bilevel" in methods:
+        bs = bilevel_locator(LocateInputs(model, sites, x[rows], edit_labels, seed=_seed(seed, g, k, e, "bilevel")))
+        per_image["bilevel"] = mean_scores(bs, sites, None, "bilevel")
+    if "group-gradient" in methods:
+        per_image["group-gradient"] = bench.frozen.group_scores[g]
+    if "random" in uses:
+        rs = random_locator(LocateInputs(model, sites, None, None, seed=_seed(seed, g, k, e, "random")))
+        per_image["random"] = UnitScores(sites, {p: v[0] for p, v in rs.items()}, "random")
+    return per_image
+
+
+def _edit_row(bench: _Bench, g: str, k: int, e: int, rows: list[int], method: str, knob: str, value: float, mask,
+              penalty) -> dict:
+    """One edit of ``rows`` of group ``g`` with ``mask`` (and ``penalty``), and its figures."""
+    from .edit import edit
+
+    model, frozen = bench.loaded.model, bench.frozen
+    x, y, cache, _ = frozen.groups[g]
+    others = [i for i in range(len(y)) if i not in set(rows)]
+    local = method in LOCAL_METHODS
+    res = edit(model, mask, x[rows], y[rows], bench.local_cfg if local else bench.edit_cfg, tokens=cache.tokens[rows],
+               penalty=penalty, preserve=frozen.preserve if local else None,
+               seed=_seed(bench.cfg.seed, g, k, e, "preserve"))
+    w = res.patch.weights(model)
+    gen_acc = float((cache.predict(w)[others] == y[others]).float().mean()) if others else None
+    test_pred = frozen.test.predict(w)
+    return {
+        "group": g, "edit_images": k, "edit": e, "method": method, knob: value,
+        "sparsity": value if knob == "sparsity" else None, "strength": value if knob == "strength" else None,
+        "units_edited": mask.selected, "steps": res.steps, "converged": res.converged,
+        "success": res.edit_accuracy, "generalization": gen_acc,
+        "locality": float((frozen.sens.predict(w) == frozen.sens_base).float().mean()),
+        "accuracy_drop": round(100.0 * (frozen.base_test_acc - float((test_pred == frozen.test_y).float().mean())), 4),
+        "flip_rate": float((test_pred != frozen.test_base).float().mean()),
+    }
+
+
+def _result(bench: _Bench, groups: list[str], hypernet_id: dict | None, summary: list[dict], t_start: float) -> dict:
+    """The run's results: provenance, the summary and the matched comparisons."""
+    cfg, methods, loaded, frozen = bench.cfg, bench.methods, bench.loaded, bench.frozen
     gains = [row for m in ("hypernet",) + ORACLES if m in methods for row in matched_locality(summary, m)]
     drop_gains = ([row for m in LOCAL_METHODS if m in methods for origin in (True, False)
                    for row in matched_accuracy_drop(summary, m, origin=origin)] if PAPER_METHOD in methods else [])
-    result = {
+    return {
         "model": loaded.name, "model_weights_sha256": loaded.identity.get("weights_sha256"),
         "hypernet": hypernet_id, "groups": groups, "methods": methods, "edit_images": list(cfg.edit_images),
-        "edits_per_group": cfg.edits_per_group, "edit_lr": edit_lr, "max_steps": cfg.max_steps, "seed": cfg.seed,
-        "sensitive_images": len(sens), "test_images": len(test_y), "base_test_accuracy": base_test_acc,
+        "edits_per_group": cfg.edits_per_group, "edit_lr": bench.edit_cfg.lr, "max_steps": cfg.max_steps,
+        "seed": cfg.seed, "sensitive_images": len(frozen.sens), "test_images": len(frozen.test_y),
+        "base_test_accuracy": frozen.base_test_acc,
         "check": "bundled test sample" if cfg.check is None else portable_path(cfg.check),
-        "preserve_images": len(preserve) if preserve is not None else 0,
-        "local_edit_config": local_cfg.to_json() if preserve is not None else None,
-        "config": {k: (list(v) if isinstance(v, tuple) else portable_path(v) if isinstance(v, Path) else v)
-                   for k, v in asdict(cfg).items()},
+        "preserve_images": len(frozen.preserve) if frozen.preserve is not None else 0,
+        "local_edit_config": bench.local_cfg.to_json() if frozen.preserve is not None else None,
+        "config": config_record(cfg),
         "wall_seconds": round(time.time() - t_start, 1),
         "summary": summary,
         "matched_locality": gains,
         "matched_accuracy_drop": drop_gains,
     }
-    if published is not None:
-        ignore = {"out", "compare_to", "hypernet"}  # the hypernetwork is compared by content, below
-        differs = sorted(k for k, v in result["config"].items()
-                         if k not in ignore and published.get("config", {}).get(k) != v)
-        theirs = (published.get("hypernet") or {}).get("sha256")
-        if hypernet_id and theirs and theirs != hypernet_id["sha256"]:
-            differs.append("hypernet (sha256)")
-        # Overall rows average over the groups run: comparable only when the group sets match.
-        same_groups = sorted(published.get("groups") or []) == sorted(groups)
-        rows = summary if same_groups else [r for r in summary if r["group"] != "all"]
-        result["comparison"] = {"published": portable_path(cfg.compare_to), "config_differences": differs,
-                                "overall_rows_compared": same_groups, **compare(rows, published["summary"]),
-                                **identical_edits(rows_out, published.get("edits") or [])}
-    out = Path(cfg.out)
+
+
+def _comparison(cfg: BenchmarkConfig, result: dict, published: dict, hypernet_id: dict | None, groups: list[str],
+                summary: list[dict], rows_out: list[dict]) -> dict:
+    """This run against the published one: config differences, then ``compare`` and ``identical_edits``."""
+    ignore = {"out", "compare_to", "hypernet"}  # the hypernetwork is compared by content, below
+    differs = sorted(k for k, v in result["config"].items()
+                     if k not in ignore and published.get("config", {}).get(k) != v)
+    theirs = (published.get("hypernet") or {}).get("sha256")
+    if hypernet_id and theirs and theirs != hypernet_id["sha256"]:
+        differs.append("hypernet (sha256)")
+    # Overall rows average over the groups run: comparable only when the group sets match.
+    same_groups = sorted(published.get("groups") or []) == sorted(groups)
+    rows = summary if same_groups else [r for r in summary if r["group"] != "all"]
+    return {"published": portable_path(cfg.compare_to), "config_differences": differs,
+            "overall_rows_compared": same_groups, **compare(rows, published["summary"]),
+            **identical_edits(rows_out, published.get("edits") or [])}
+
+
+def _write_outputs(out: Path, result: dict, rows_out: list[dict], summary: list[dict],
+                   edit_images: Sequence[int]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {**result, "edits": rows_out})
-    with atomic_path(out / "edits.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows_out[0].keys()) if rows_out else ["group"])
+    _write_csv(out / "edits.csv", rows_out, "group")
+    _write_csv(out / "summary.csv", summary, "method")
+    plot_benchmark(summary, out, edit_images)
+
+
+def _write_csv(path: Path, rows: list[dict], empty_header: str) -> None:
+    """``rows`` as a CSV with their keys as header (``empty_header`` alone when there are none), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else [empty_header])
         writer.writeheader()
-        writer.writerows(rows_out)
-    with atomic_path(out / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0].keys()) if summary else ["method"])
-        writer.writeheader()
-        writer.writerows(summary)
-    plot_benchmark(summary, out, cfg.edit_images)
-    result["out"] = str(out)
-    return result
+        writer.writerows(rows)
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
