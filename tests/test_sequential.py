@@ -119,3 +119,45 @@ def test_each_group_is_scored_on_its_own_held_out_failures(small_run):
         for g in r["groups"]:
             n = res["held_out"][g["group"]]
             assert g["generalization"] * n == pytest.approx(round(g["generalization"] * n), abs=1e-6)
+
+
+def _preserve_with(tmp_path, extra: list) -> "Path":
+    """A small preserve folder: three bundled preserve images and copies of ``extra``."""
+    import shutil
+
+    from vitedit.models import DEFAULT_ASSETS
+
+    folder = tmp_path / "preserve"
+    folder.mkdir()
+    for i, src in enumerate(sorted((DEFAULT_ASSETS / "preserve").rglob("*.png"))[:3] + list(extra)):
+        shutil.copyfile(src, folder / f"{i}-{src.name}")
+    return folder
+
+
+@pytest.mark.parametrize("overlap", ["locality folder", "locality image", "group image", "check image"])
+def test_the_preserve_set_is_checked_apart_from_every_measured_set(tmp_path, overlap):
+    """The preserve set may share no folder and no image with the check set, the locality set or a
+    failure group taking part (apply's rule; the sequential run once checked the check set only)."""
+    from vitedit.errors import InputDataError
+    from vitedit.models import DEFAULT_ASSETS
+
+    def first(folder):
+        return sorted(folder.rglob("*.png"))[:1]
+
+    if overlap == "locality folder":
+        preserve, error, needle = DEFAULT_ASSETS / "sensitive", UsageError, "is the locality set (--locality) folder"
+    elif overlap == "locality image":
+        preserve, error, needle = (_preserve_with(tmp_path, first(DEFAULT_ASSETS / "sensitive")), InputDataError,
+                                   "in the locality set (--locality) is the same image as")
+    elif overlap == "group image":
+        preserve, error, needle = (_preserve_with(tmp_path, first(DEFAULT_ASSETS / "failures" / "bag")),
+                                   InputDataError, "in the failures (bag) is the same image as")
+    else:
+        preserve, error, needle = (_preserve_with(tmp_path, first(DEFAULT_ASSETS / "test")), InputDataError,
+                                   "in the check set (--check) is the same image as")
+    cfg = SequentialConfig(editors=("local",), edit_images=5, orders=1, groups=("bag", "ankle-boot"),
+                           preserve=preserve, out=tmp_path / "out")
+    with pytest.raises(error, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        run_sequential(cfg, lambda *a: None)
+    assert not (tmp_path / "out" / "sequential.partial.json").exists()  # refused before any edit
+

@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import copy
 import time
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .artifacts import atomic_path, portable_path, write_json
+from .benchmark import _seed, config_record, mean_ci  # one seed rule and one config record for both benchmarks
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .masks import UnitScores
 
 EDITORS = ("plain", "local")
 
@@ -68,104 +73,117 @@ class SequentialConfig:
             raise UsageError("--orders and --edit-images must be at least 1")
 
 
-def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
 def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], None]) -> dict:
-    import torch
-    from torch.func import functional_call
-
-    from .benchmark import mean_ci
-    from .data import load_tensors, scan_labeled, scan_unlabeled
-    from .demo import examples
-    from .edit import edit
-    from .evaluate import TokenCache
-    from .hypernet import load_hypernet
-    from .masks import UnitScores
-    from .models import load_model
-    from .pipeline import (check_disjoint, default_check_dir, default_hypernet_for, default_locality_dir,
-                           default_preserve_dir, resolve_edit_config)
-    from .history import units_changed
-    from .preserve import build_anchor_set, build_preserve_set
-
+    """The protocol of the module docstring; writes sequential.json and sequential.png under
+    ``cfg.out`` (and sequential.partial.json while it runs) and returns the results."""
     t0 = time.time()
-    base = load_model(None)
-    sites = tuple(base.sites())
-    start = min(s.block for s in sites)
-    hypernet, _ = load_hypernet(default_hypernet_for(base), base.identity, sites)
+    run = _start(cfg, progress, t0)
+    rows: list[dict] = []
+    for editor in cfg.editors:
+        _single_edits(run, editor)
+        for o in range(cfg.orders):
+            _stack_in_order(run, editor, o, rows)
+        if cfg.batch:  # all groups' edit images in one edit
+            rows.append(_batch_edit(run, editor))
+            run.partial(rows)
+            run.advance()
 
-    def load(refs, what):
-        x, good, _ = load_tensors(refs, base.transform, base.channels, progress=lambda d, t: progress(what, d, t))
-        return x, torch.tensor([r.label for r in good]) if good and good[0].label is not None else None, good
+    summary = summarize(rows, run.singles, len(run.groups))
+    result = {"model": run.base.name, "groups": [g["group"] for g in run.groups], "edit_images": cfg.edit_images,
+              "held_out": {g["group"]: len(g["y_hold"]) for g in run.groups},
+              "orders": cfg.orders, "sparsity": cfg.sparsity, "base_check_accuracy": run.base_check,
+              "check_images": len(run.check_y),
+              "check": "bundled test sample" if cfg.check is None else portable_path(cfg.check),
+              "config": config_record(cfg),
+              "edit_configs": {k: v.to_json() for k, v in run.configs.items()},
+              "singles": run.singles_json(),
+              "rows": rows, "summary": summary, "wall_seconds": round(time.time() - t0, 1)}
+    write_json(run.out / "sequential.json", result)
+    (run.out / "sequential.partial.json").unlink(missing_ok=True)
+    plot_sequential(rows, run.out / "sequential.png", run.base_check)
+    result["out"] = str(run.out)
+    return result
 
-    groups = []
-    for g in examples():
-        if cfg.groups and g["group"] not in cfg.groups:
-            continue
-        x, y, _ = load(scan_labeled(Path(g["path"]), base.labels), f"loading {g['group']}")
-        if len(y) <= cfg.edit_images:
-            continue
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(_seed(cfg.seed, g["group"])))
-        e, h = perm[:cfg.edit_images].sort().values, perm[cfg.edit_images:].sort().values
-        groups.append({"group": g["group"], "x_edit": x[e], "y_edit": y[e], "hold": TokenCache(base.model, start, x[h]),
-                       "y_hold": y[h], "edit_tokens": TokenCache(base.model, start, x[e]).tokens})
-    if len(groups) < 2:
-        raise UsageError("fewer than two bundled groups have enough failures for a sequential run")
-    check_dir = Path(cfg.check) if cfg.check else default_check_dir(base)
-    cx, cy, c_refs = load(scan_labeled(check_dir, base.labels), "loading check set")
-    check = TokenCache(base.model, start, cx)
-    check_base = check.predict()
-    loc_x, _, _ = load(scan_unlabeled(Path(cfg.locality) if cfg.locality else default_locality_dir(base)),
-                       "loading locality set")
-    loc = TokenCache(base.model, start, loc_x)
-    loc_base = loc.predict()
-    configs = {"plain": resolve_edit_config(base, {}, "plain"),
-               "local": resolve_edit_config(base, {"anchor_weight": cfg.anchor_weight,
-                                                           "anchor_views": cfg.anchor_views}, "local")}
-    preserve_x = preserve = None
-    if any(configs[e].uses_preserve for e in cfg.editors):  # the plain editor never reads it
-        preserve_dir = Path(cfg.preserve) if cfg.preserve else default_preserve_dir(base)
-        p_refs = scan_unlabeled(preserve_dir)
-        check_disjoint(preserve_dir, p_refs, {"check set": (check_dir, c_refs)})
-        preserve_x = load(p_refs, "loading preserve set")[0]
-        preserve = build_preserve_set(base.model, sites, preserve_x)
 
-    def measure(weights: dict) -> dict:
+@dataclass
+class _SeqRun:
+    """One sequential run: the base model, its hypernetwork and the editors' configs; the groups
+    (edit images, held-out failures); the check, locality and preserve sets, cached once; the single
+    edits' figures every stack is compared with (``singles``); and the progress count."""
+
+    cfg: SequentialConfig
+    base: object                     # models.LoadedModel
+    sites: tuple
+    hypernet: object
+    configs: dict                    # editor -> edit.EditConfig
+    groups: list[dict]
+    check: object                    # evaluate.TokenCache
+    check_y: "torch.Tensor"
+    check_base: "torch.Tensor"       # the base model's top-1 on the check set
+    base_check: float                # the base model's check accuracy
+    loc: object                      # evaluate.TokenCache
+    loc_base: "torch.Tensor"
+    preserve_x: "torch.Tensor | None"
+    preserve: object                 # preserve.PreserveSet | None
+    out: Path
+    t0: float
+    progress: Callable[[str, int, int], None]
+    singles: dict = field(default_factory=dict)
+    done: int = 0
+
+    @property
+    def start(self) -> int:
+        return min(s.block for s in self.sites)
+
+    @property
+    def total(self) -> int:
+        cfg = self.cfg
+        return len(cfg.editors) * (len(self.groups) * (1 + cfg.orders) + (1 if cfg.batch else 0))
+
+    def advance(self) -> None:
+        self.done += 1
+        self.progress("sequential benchmark", self.done, self.total)
+
+    def measure(self, weights: dict) -> dict:
         """Every set under ``weights`` (all edited matrices of the current model) substituted into the
         base model's suffix: the blocks before the first edited one never change, so the cached prefix
         tokens stay exact."""
-        pred = check.predict(weights)
-        out = {"check_accuracy": float((pred == cy).float().mean()),
-               "flip_rate": float((pred != check_base).float().mean()),
-               "locality": float((loc.predict(weights) == loc_base).float().mean())}
-        for g in groups:
+        pred = self.check.predict(weights)
+        out = {"check_accuracy": float((pred == self.check_y).float().mean()),
+               "flip_rate": float((pred != self.check_base).float().mean()),
+               "locality": float((self.loc.predict(weights) == self.loc_base).float().mean())}
+        for g in self.groups:
             p = g["hold"].predict(weights)
             out[g["group"]] = {"generalization": float((p == g["y_hold"]).float().mean()), "fixed": (p == g["y_hold"])}
         return out
 
-    def scores_on(model, x_edit_tokens):
+    def scores_on(self, model, x_edit_tokens) -> "UnitScores":
+        """The hypernetwork's unit scores for these edit images on ``model`` (the current stack)."""
+        import torch
+
+        from .masks import UnitScores
+        from .models import make_suffix
+
         with torch.no_grad():
-            feats = make_suffix_of(model)(x_edit_tokens, pre_logits=True)
-            sc = hypernet(feats)
-        return UnitScores(sites, {s.param: v.mean(0) for s, v in zip(sites, sc)}, "hypernet")
+            feats = make_suffix(model, self.start)(x_edit_tokens, pre_logits=True)
+            sc = self.hypernet(feats)
+        return UnitScores(self.sites, {s.param: v.mean(0) for s, v in zip(self.sites, sc)}, "hypernet")
 
-    from .models import make_suffix
+    def edit_on(self, model, xe, ye, tokens, editor: str, seed: int, kept=None, anchors=None, exclude=None):
+        """Edit ``model`` in place (the next edit starts there) with hypernetwork masks; the result."""
+        from .edit import edit
 
-    def make_suffix_of(model):
-        return make_suffix(model, start)
-
-    def edit_on(model, xe, ye, tokens, editor, seed, kept=None, anchors=None, exclude=None):
-        mask = scores_on(model, tokens).select(cfg.sparsity, exclude)
-        res = edit(model, mask, xe, ye, configs[editor], tokens=tokens,
-                   preserve=(kept if kept is not None else preserve) if configs[editor].uses_preserve else None,
+        config = self.configs[editor]
+        mask = self.scores_on(model, tokens).select(self.cfg.sparsity, exclude)
+        res = edit(model, mask, xe, ye, config, tokens=tokens,
+                   preserve=(kept if kept is not None else self.preserve) if config.uses_preserve else None,
                    seed=seed, anchors=anchors)
-        res.patch.apply(model)  # in place: the next edit starts here
+        res.patch.apply(model)
         return res
 
-    def group_figures(h: dict, m: dict, editor: str, **first) -> dict:
+    def group_figures(self, h: dict, m: dict, editor: str, **first) -> dict:
         """Group ``h`` after a stack measured as ``m``, against its single edit (retained, still fixed)."""
-        single = singles[editor][h["group"]]
+        single = self.singles[editor][h["group"]]
         gen = m[h["group"]]["generalization"]
         still = (m[h["group"]]["fixed"] & single["fixed"]).sum() / max(int(single["fixed"].sum()), 1)
         return {"group": h["group"], **first, "generalization": gen,
@@ -173,123 +191,192 @@ def run_sequential(cfg: SequentialConfig, progress: Callable[[str, int, int], No
                 "retained": gen / single["generalization"] if single["generalization"] else None,
                 "still_fixed": float(still)}
 
-    def stack_row(m: dict, per_group: list[dict], **head) -> dict:
+    def stack_row(self, m: dict, per_group: list[dict], **head) -> dict:
         """One row of the results: the stack's check and locality figures and the means over its groups."""
         return {**head, "check_accuracy": m["check_accuracy"],
-                "accuracy_drop": round(100 * (base_check - m["check_accuracy"]), 4),
+                "accuracy_drop": round(100 * (self.base_check - m["check_accuracy"]), 4),
                 "flip_rate": m["flip_rate"], "locality": m["locality"], "groups": per_group,
                 "mean_retained": mean_ci([p["retained"] for p in per_group])[0],
                 "mean_still_fixed": mean_ci([p["still_fixed"] for p in per_group])[0],
                 "mean_generalization": mean_ci([p["generalization"] for p in per_group])[0]}
 
-    base_check = float((check_base == cy).float().mean())
-    rows: list[dict] = []
+    def singles_json(self) -> dict:
+        return {e: {g: {k: v for k, v in d.items() if k != "fixed"} for g, d in s.items()}
+                for e, s in self.singles.items()}
+
+    def partial(self, rows: list[dict]) -> None:
+        """The rows so far, so that an interrupted run still leaves its figures (rewritten atomically)."""
+        write_json(self.out / "sequential.partial.json", {
+            "model": self.base.name, "rows": rows, "wall_seconds": round(time.time() - self.t0, 1),
+            "singles": self.singles_json()})
+
+
+def _start(cfg: SequentialConfig, progress: Callable[[str, int, int], None], t0: float) -> _SeqRun:
+    """Load the default model and its hypernetwork, the groups taking part, and the check, locality
+    and (when an editor reads it) preserve sets, checked apart (``imagesets.benchmark_sets``)."""
+    import torch
+
+    from .evaluate import TokenCache
+    from .hypernet import load_hypernet
+    from .imagesets import benchmark_sets, read_set
+    from .models import load_model
+    from .pipeline import default_hypernet_for, resolve_edit_config
+    from .preserve import build_preserve_set
+
+    base = load_model(None)
+    sites = tuple(base.sites())
+    start = min(s.block for s in sites)
+    hypernet, _ = load_hypernet(default_hypernet_for(base), base.identity, sites)
+    groups, scanned = _load_groups(cfg, base, start, progress)
+    if len(groups) < 2:
+        raise UsageError("fewer than two bundled groups have enough failures for a sequential run")
+    configs = {"plain": resolve_edit_config(base, {}, "plain"),
+               "local": resolve_edit_config(base, {"anchor_weight": cfg.anchor_weight,
+                                                   "anchor_views": cfg.anchor_views}, "local")}
+    sets = benchmark_sets(base, scanned, check=cfg.check, locality=cfg.locality, preserve=cfg.preserve,
+                          with_preserve=any(configs[e].uses_preserve for e in cfg.editors))  # plain never reads it
+    cx, c_refs = read_set(sets.check, base, progress, "loading check set")
+    check_y = torch.tensor([r.label for r in c_refs])
+    check = TokenCache(base.model, start, cx)
+    check_base = check.predict()
+    loc = TokenCache(base.model, start, read_set(sets.locality, base, progress, "loading locality set")[0])
+    loc_base = loc.predict()
+    preserve_x = preserve = None
+    if sets.preserve is not None:
+        preserve_x = read_set(sets.preserve, base, progress, "loading preserve set")[0]
+        preserve = build_preserve_set(base.model, sites, preserve_x)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    return _SeqRun(cfg, base, sites, hypernet, configs, groups, check, check_y, check_base,
+                   float((check_base == check_y).float().mean()), loc, loc_base, preserve_x, preserve, out, t0, progress)
 
-    def partial(rows: list[dict]) -> None:
-        """The rows so far, so that an interrupted run still leaves its figures (rewritten atomically)."""
-        write_json(out / "sequential.partial.json", {
-            "model": base.name, "rows": rows, "wall_seconds": round(time.time() - t0, 1),
-            "singles": {e: {g: {k: v for k, v in d.items() if k != "fixed"} for g, d in s.items()}
-                        for e, s in singles.items()}})
-    singles: dict[str, dict] = {}
-    editors = list(cfg.editors)
-    total = len(editors) * (len(groups) * (1 + cfg.orders) + (1 if cfg.batch else 0))
-    done = 0
-    for editor in editors:
-        singles[editor] = {}
-        for g in groups:  # single edits from the base model
-            model = copy.deepcopy(base.model)
-            res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor, _seed(cfg.seed, g["group"], "single"))
-            # caches share the base model's modules: measure with the edited slices substituted
-            weights = res.patch.weights(base.model)
-            m = measure(weights)
-            singles[editor][g["group"]] = {"generalization": m[g["group"]]["generalization"],
+
+def _load_groups(cfg: SequentialConfig, base, start: int, progress) -> tuple[list[dict], dict]:
+    """Every bundled group (of ``cfg.groups``) with more than ``edit_images`` failures, split by a
+    seeded draw into its edit images and its held-out failures; and the groups' image sets."""
+    import torch
+
+    from .demo import examples
+    from .evaluate import TokenCache
+    from .imagesets import failure_group, read_set
+
+    groups, scanned = [], {}
+    for g in examples():
+        if cfg.groups and g["group"] not in cfg.groups:
+            continue
+        group = failure_group(base, g["group"], Path(g["path"]))
+        x, refs = read_set(group, base, progress, f"loading {g['group']}")
+        y = torch.tensor([r.label for r in refs])
+        if len(y) <= cfg.edit_images:
+            continue
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(_seed(cfg.seed, g["group"])))
+        e, h = perm[:cfg.edit_images].sort().values, perm[cfg.edit_images:].sort().values
+        groups.append({"group": g["group"], "x_edit": x[e], "y_edit": y[e], "hold": TokenCache(base.model, start, x[h]),
+                       "y_hold": y[h], "edit_tokens": TokenCache(base.model, start, x[e]).tokens})
+        scanned[g["group"]] = group
+    return groups, scanned
+
+
+def _single_edits(run: _SeqRun, editor: str) -> None:
+    """Each group edited alone from the base model: ``run.singles[editor]``."""
+    run.singles[editor] = {}
+    for g in run.groups:
+        model = copy.deepcopy(run.base.model)
+        res = run.edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
+                          _seed(run.cfg.seed, g["group"], "single"))
+        # caches share the base model's modules: measure with the edited slices substituted
+        m = run.measure(res.patch.weights(run.base.model))
+        run.singles[editor][g["group"]] = {"generalization": m[g["group"]]["generalization"],
                                            "fixed": m[g["group"]]["fixed"], "check_accuracy": m["check_accuracy"],
                                            "flip_rate": m["flip_rate"], "steps": res.steps,
                                            "success": res.edit_accuracy}
-            done += 1
-            progress("sequential benchmark", done, total)
-        for o in range(cfg.orders):
-            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(_seed(cfg.seed, "order", o))).tolist()
-            model = copy.deepcopy(base.model)
-            edited: list[dict] = []
-            stack: list = []   # the patches so far: their units are barred with cfg.disjoint
-            for step, gi in enumerate(order, start=1):
-                g = groups[gi]
-                # hypernet scores and the edit see the current (stacked) model, as `apply --on-top`
-                # does. The preserve set keeps the base model's predictions (ordinary images were
-                # never meant to change, so drift does not compound; cfg.preserve_targets "current"
-                # holds what the stack does now instead) ...
-                kept = build_preserve_set(model, sites, preserve_x) if configs[editor].uses_preserve \
-                    and step > 1 and cfg.preserve_targets == "current" else preserve
-                # ... and the earlier edits' images keep what the stack does on them (anchor_weight > 0)
-                anchors = build_anchor_set(model, sites, torch.cat([h["x_edit"] for h in edited]),
-                                           tokens=torch.cat([h["edit_tokens"] for h in edited]),
-                                           views=configs[editor].anchor_views,
-                                           seed=_seed(cfg.seed, g["group"], "anchors", o)) \
-                    if configs[editor].anchor_weight > 0 and edited else None
-                changed = units_changed(stack)
-                res = edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
-                              _seed(cfg.seed, g["group"], "sequential", o), kept, anchors,
-                              changed if cfg.disjoint else None)
-                shared = sum(int(torch.isin(ix, changed[p]).sum()) for p, ix in res.patch.indices.items() if p in changed)
-                stack.append(res.patch)
-                edited.append(g)
-                weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
-                m = measure(weights)
-                per_group = []
-                for h in edited:
-                    with torch.inference_mode():
-                        succ = float((functional_call(make_suffix_of(base.model), weights, (h["edit_tokens"],))
-                                      .argmax(-1) == h["y_edit"]).float().mean())
-                    per_group.append(group_figures(h, m, editor, success=succ))
-                rows.append(stack_row(m, per_group, arm="sequential", editor=editor, order=o, step=step,
-                                      group=g["group"], steps=res.steps, units=res.patch.units_edited,
-                                      shared_units=shared))
-                partial(rows)
-                done += 1
-                progress("sequential benchmark", done, total)
-        if cfg.batch:  # all groups' edit images in one edit
-            model = copy.deepcopy(base.model)
-            xe = torch.cat([g["x_edit"] for g in groups])
-            ye = torch.cat([g["y_edit"] for g in groups])
-            tokens = torch.cat([g["edit_tokens"] for g in groups])
-            res = edit_on(model, xe, ye, tokens, editor, _seed(cfg.seed, "batch"))
-            weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
-            m = measure(weights)
-            per_group = [group_figures(h, m, editor) for h in groups]
-            rows.append(stack_row(m, per_group, arm="batch", editor=editor, order=None, step=len(groups),
-                                  group="all", steps=res.steps, success=res.edit_accuracy))
-            partial(rows)
-            done += 1
-            progress("sequential benchmark", done, total)
+        run.advance()
 
-    summary = summarize(rows, singles, len(groups))
-    result = {"model": base.name, "groups": [g["group"] for g in groups], "edit_images": cfg.edit_images,
-              "held_out": {g["group"]: len(g["y_hold"]) for g in groups},
-              "orders": cfg.orders, "sparsity": cfg.sparsity, "base_check_accuracy": base_check,
-              "check_images": len(cy), "check": "bundled test sample" if cfg.check is None else portable_path(cfg.check),
-              "config": {k: (list(v) if isinstance(v, tuple) else portable_path(v) if isinstance(v, Path) else v)
-                         for k, v in asdict(cfg).items()},
-              "edit_configs": {k: v.to_json() for k, v in configs.items()},
-              "singles": {e: {g: {k: v for k, v in d.items() if k != "fixed"} for g, d in s.items()}
-                          for e, s in singles.items()},
-              "rows": rows, "summary": summary, "wall_seconds": round(time.time() - t0, 1)}
-    write_json(out / "sequential.json", result)
-    (out / "sequential.partial.json").unlink(missing_ok=True)
-    plot_sequential(rows, out / "sequential.png", base_check)
-    result["out"] = str(out)
-    return result
+
+def _stack_in_order(run: _SeqRun, editor: str, o: int, rows: list[dict]) -> None:
+    """The groups edited one on top of the other in seeded order ``o``; a row after every edit."""
+    import torch
+
+    from .history import units_changed
+
+    cfg, sites = run.cfg, run.sites
+    order = torch.randperm(len(run.groups), generator=torch.Generator().manual_seed(_seed(cfg.seed, "order", o))).tolist()
+    model = copy.deepcopy(run.base.model)
+    edited: list[dict] = []
+    stack: list = []   # the patches so far: their units are barred with cfg.disjoint
+    for step, gi in enumerate(order, start=1):
+        g = run.groups[gi]
+        kept, anchors = _holds(run, model, editor, step, edited, g, o)
+        changed = units_changed(stack)
+        res = run.edit_on(model, g["x_edit"], g["y_edit"], g["edit_tokens"], editor,
+                          _seed(cfg.seed, g["group"], "sequential", o), kept, anchors,
+                          changed if cfg.disjoint else None)
+        shared = sum(int(torch.isin(ix, changed[p]).sum()) for p, ix in res.patch.indices.items() if p in changed)
+        stack.append(res.patch)
+        edited.append(g)
+        weights = {s.param: model.get_parameter(s.param).detach() for s in sites}
+        m = run.measure(weights)
+        per_group = [run.group_figures(h, m, editor, success=_success(run, weights, h)) for h in edited]
+        rows.append(run.stack_row(m, per_group, arm="sequential", editor=editor, order=o, step=step,
+                                  group=g["group"], steps=res.steps, units=res.patch.units_edited,
+                                  shared_units=shared))
+        run.partial(rows)
+        run.advance()
+
+
+def _holds(run: _SeqRun, model, editor: str, step: int, edited: list[dict], g: dict, o: int):
+    """What the next edit of a stack holds in place: (the preserve set, the anchor set or None).
+
+    Hypernet scores and the edit see the current (stacked) model, as `apply --on-top` does. The
+    preserve set keeps the base model's predictions (ordinary images were never meant to change, so
+    drift does not compound; ``preserve_targets`` "current" holds what the stack does now instead),
+    and the earlier edits' images keep what the stack does on them (``anchor_weight`` > 0)."""
+    import torch
+
+    from .preserve import build_anchor_set, build_preserve_set
+
+    config = run.configs[editor]
+    kept = build_preserve_set(model, run.sites, run.preserve_x) if config.uses_preserve \
+        and step > 1 and run.cfg.preserve_targets == "current" else run.preserve
+    anchors = build_anchor_set(model, run.sites, torch.cat([h["x_edit"] for h in edited]),
+                               tokens=torch.cat([h["edit_tokens"] for h in edited]),
+                               views=config.anchor_views,
+                               seed=_seed(run.cfg.seed, g["group"], "anchors", o)) \
+        if config.anchor_weight > 0 and edited else None
+    return kept, anchors
+
+
+def _success(run: _SeqRun, weights: dict, h: dict) -> float:
+    """Group ``h``'s edit images classified right under ``weights`` (the stack's matrices)."""
+    import torch
+    from torch.func import functional_call
+
+    from .models import make_suffix
+
+    with torch.inference_mode():
+        return float((functional_call(make_suffix(run.base.model, run.start), weights, (h["edit_tokens"],))
+                      .argmax(-1) == h["y_edit"]).float().mean())
+
+
+def _batch_edit(run: _SeqRun, editor: str) -> dict:
+    """One edit of every group's edit images at once, measured as a stack row."""
+    import torch
+
+    model = copy.deepcopy(run.base.model)
+    xe = torch.cat([g["x_edit"] for g in run.groups])
+    ye = torch.cat([g["y_edit"] for g in run.groups])
+    tokens = torch.cat([g["edit_tokens"] for g in run.groups])
+    res = run.edit_on(model, xe, ye, tokens, editor, _seed(run.cfg.seed, "batch"))
+    m = run.measure({s.param: model.get_parameter(s.param).detach() for s in run.sites})
+    per_group = [run.group_figures(h, m, editor) for h in run.groups]
+    return run.stack_row(m, per_group, arm="batch", editor=editor, order=None, step=len(run.groups),
+                         group="all", steps=res.steps, success=res.edit_accuracy)
 
 
 def summarize(rows: list[dict], singles: dict, n_groups: int) -> list[dict]:
     """Per editor and arm, after the last edit: mean over orders of the mean retained generalization,
     still-fixed share, check accuracy drop and flip rate (95% CI across orders where there are several),
     and the worst group's retained share."""
-    from .benchmark import mean_ci
-
     out = []
     for editor in sorted({r["editor"] for r in rows}):
         single = singles[editor]
