@@ -1,9 +1,15 @@
-"""Only ``vitedit/models.py`` knows timm's attribute names: every other runtime module reaches a ViT's
-blocks, MLPs, patch embedding, tokens and head through models.py's functions. (``vitedit/zoo/`` builds
-the default models from weight names and is exempt.)"""
+"""The package's layout rules.
+
+- Only ``vitedit/models.py`` knows timm's attribute names: every other runtime module reaches a ViT's
+  blocks, MLPs, patch embedding, tokens and head through models.py's functions. (``vitedit/zoo/``
+  builds the default models from weight names and is exempt.)
+- No function is longer than ``MAX_FUNCTION_LINES`` lines, from its ``def`` (decorators aside) to its
+  last line: a longer one is split into helpers that each do one thing.
+"""
 
 from __future__ import annotations
 
+import ast
 import io
 import tokenize
 from pathlib import Path
@@ -75,3 +81,50 @@ def test_only_models_py_names_timm_attributes():
             offenders.append(f"vitedit/{rel.as_posix()}:{line}: {text}")
     assert not offenders, ("timm attribute names outside vitedit/models.py (add an accessor there):\n"
                            + "\n".join(offenders))
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[int, str, int]]:
+    """(line, qualified name, length) of every function or method of ``source`` longer than ``limit`` lines."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                length = child.end_lineno - child.lineno + 1
+                if not isinstance(child, ast.ClassDef) and length > limit:
+                    found.append((child.lineno, name, length))
+                visit(child, f"{name}.")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return sorted(found)
+
+
+def test_the_length_check_measures_from_def_to_last_line_and_sees_methods_and_nested_functions():
+    snippet = (
+        "def short():\n"            # 1
+        "    return 1\n"            # 2
+        "\n"
+        "class Holder:\n"           # 4
+        "    def method(self):\n"   # 5
+        "        def inner():\n"    # 6
+        "            a = 1\n"
+        "            return a\n"    # 8
+        "        return inner\n"    # 9
+    )
+    assert long_functions(snippet, limit=4) == [(5, "Holder.method", 5)]
+    assert long_functions(snippet, limit=2) == [(5, "Holder.method", 5), (6, "Holder.method.inner", 3)]
+    assert long_functions(snippet, limit=1) == [(1, "short", 2), (5, "Holder.method", 5), (6, "Holder.method.inner", 3)]
+
+
+def test_no_function_is_longer_than_the_limit():
+    offenders = [f"vitedit/{path.relative_to(PACKAGE).as_posix()}:{line}: {name} is {length} lines"
+                 for path in sorted(PACKAGE.rglob("*.py"))
+                 for line, name, length in long_functions(path.read_text(encoding="utf-8"))]
+    assert not offenders, (f"functions over {MAX_FUNCTION_LINES} lines (split them into helpers that each do one "
+                           "thing):\n" + "\n".join(offenders))
