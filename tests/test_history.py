@@ -154,7 +154,7 @@ def test_apply_from_base_after_locate_on_top_is_refused(stacked, tmp_path):
     ws = shutil.copytree(stacked["ws"], tmp_path / "ws")
     (ws / "lock").unlink(missing_ok=True)
     code, _, err = cli("apply", "-w", ws, "--from-base", *FAST)
-    assert code == 2 and "pass --on-top here too" in one_error_line(err)
+    assert code == 2 and "leave out --from-base" in one_error_line(err)
 
 
 def test_an_interrupted_apply_leaves_the_previous_history_intact(stacked, tmp_path, monkeypatch):

@@ -56,7 +56,8 @@ class ExperimentOptions:
         if self.check is not None and self.no_check:
             raise UsageError("give either --check DIR or --no-check, not both")
         if self.disjoint and not self.on_top:
-            raise UsageError("--disjoint keeps an edit off the units earlier edits changed: it needs --on-top")
+            raise UsageError("--disjoint keeps an edit off the units earlier edits changed: it needs a stack (run "
+                             "`vitedit locate FAILURES --on-top` first)")
         from ..edit import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
@@ -369,7 +370,8 @@ def _stack(ws: Workspace, state: dict, loaded: LoadedModel, on_top: bool) -> int
     if not on_top:
         if scored_on:
             raise UsageError(f"`vitedit locate --on-top` scored these failures on top of {scored_on} earlier edit(s); "
-                             "pass --on-top here too, or run `vitedit locate` without it to start from the base model")
+                             "leave out --from-base (apply follows locate), or run `vitedit locate` without --on-top to start "
+                             "from the base model")
         return 0
     identity = loaded.identity  # the base model's, before the stack goes in
     stacked = History(ws).apply_stack(loaded.model, identity) if History(ws).exists else 0
