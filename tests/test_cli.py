@@ -686,3 +686,31 @@ def typer_commands(app) -> dict:
     import typer
 
     return typer.main.get_command(app).commands
+
+
+def test_apply_edits_through_the_python_api(job, tmp_path, monkeypatch):
+    """`vitedit apply` fits its edit with vitedit.Editor.fit_mask, the method Editor.fix uses: one
+    editing path for the CLI and the API. The patch it saves is what fit_mask returned."""
+    import vitedit.api
+
+    ws = copy_workspace(job, tmp_path / "ws")
+    fitted = []
+    real = vitedit.api.Editor.fit_mask
+
+    def spy(self, mask, images, labels, config, **kw):
+        fitted.append(real(self, mask, images, labels, config, **kw))
+        return fitted[-1]
+
+    monkeypatch.setattr(vitedit.api.Editor, "fit_mask", spy)
+    res = cli_json("apply", "-w", ws, "--max-steps", "3", "--lr", "1e-3", "--check", "none")
+    assert len(fitted) == 1 and res["steps"] == fitted[0].steps
+    from vitedit.edit import Patch
+
+    saved, _ = Patch.load(ws / "patch.safetensors")
+    assert all(torch_equal(saved.new[k], fitted[0].patch.new[k]) for k in saved.new)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.cpu(), b.cpu())

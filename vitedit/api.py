@@ -35,9 +35,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .edit import EditConfig, Patch
+    from .edit import EditConfig, EditResult, Patch
     from .evaluate import TokenCache
-    from .preserve import PreserveSet
+    from .masks import UnitMask
+    from .preserve import AnchorSet, PreserveSet
     from .stats import PreserveStats
 
 Progress = Callable[..., None]  # (description, done, total)
@@ -234,23 +235,42 @@ class Editor:
                  hypernet: str | os.PathLike | None = None, blocks: Sequence[int] | None = None,
                  labels: Sequence[str] | None = None, data_config: Mapping | None = None, device: Any = None,
                  skip_bad_images: bool = False, progress: Progress | None = None) -> None:
+        progress = progress or _noop
+        self._setup(_adopt(model, device=device, labels=labels, data_config=data_config, blocks=blocks,
+                           skip_bad=skip_bad_images, progress=progress), editor, config, progress)
+        self.locator, self._hypernet, notes = _pick_locator(locator, hypernet, self._base)
+        self.notes.extend(notes)
+        self._preserve = None if preserve is None else self._base.read(preserve, "preserve", labeled=False)
+        self._base.preserve = self._preserve
+        self._preservation(self.config)  # computed once, now: errors surface here, not in fix()
+
+    def _setup(self, base: "_Base", editor: str | None, config: Mapping[str, Any] | None, progress: Progress) -> None:
         from . import edit as edit_module
 
         self.editor = edit_module.DEFAULT_OBJECTIVE if editor is None else editor
         if self.editor not in edit_module.OBJECTIVE_PRESETS:
             raise UsageError(f"editor={self.editor!r}: choose one of {', '.join(edit_module.OBJECTIVE_PRESETS)}")
-        self._progress = progress or _noop
-        self._base = _adopt(model, device=device, labels=labels, data_config=data_config, blocks=blocks,
-                            skip_bad=skip_bad_images, progress=self._progress)
+        self._progress = progress
+        self._base = base
         self._overrides = dict(config or {})
         self.config = self._config(None)
-        self.locator, self._hypernet, notes = _pick_locator(locator, hypernet, self._base)
-        self.notes: list[str] = notes
-        self._preserve = None if preserve is None else self._base.read(preserve, "preserve", labeled=False)
-        self._base.preserve = self._preserve
+        self.locator, self._hypernet = "given", None
+        self.notes: list[str] = []
+        self._preserve = None
         self._preserve_set: PreserveSet | None = None
         self._stats: PreserveStats | None = None
-        self._preservation(self.config)  # computed once, now: errors surface here, not in fix()
+
+    @classmethod
+    def of_workspace(cls, loaded: LoadedModel, sites: Sequence[Site], *, preserve_set: "PreserveSet | None" = None,
+                     stats: "PreserveStats | None" = None) -> "Editor":
+        """The editor of a ``vitedit apply`` / ``report`` job: the workspace's model as the job loaded it
+        (owned by the job, so not copied; with its edit stack written in), its sites, and the preserve
+        set and statistics the job built. Its edits go through ``fit_mask`` (whose ``config`` decides the
+        editor), as ``fix``'s do."""
+        self = cls.__new__(cls)
+        self._setup(_Base(loaded, tuple(sites)), None, None, _noop)
+        self._preserve_set, self._stats = preserve_set, stats
+        return self
 
     @property
     def model_identity(self) -> dict:
@@ -284,7 +304,6 @@ class Editor:
         ``holdout``: the share of the failures kept out of the edit, measured as generalization.
         ``seed`` draws the holdout and the editor's minibatches; ``config`` overrides the editor's
         configuration for this edit only."""
-        from .edit import edit
         from .jobs.common import split_rows
         from .locate import aggregate, score_batches
         from .masks import validate_density
@@ -305,14 +324,31 @@ class Editor:
                                   zip(images.split(BATCH), labels.split(BATCH)), seed, self._hypernet)
         mask = aggregate(per_image, base.sites, None, self.locator).select(sparsity)
         self._progress("locating", 1, 1)
-        result = edit(base.model, mask, images, labels, cfg, preserve=preserve, stats=stats, seed=seed,
-                      progress=lambda step, total, _loss: self._progress("editing", step, total))
+        result = self.fit_mask(mask, images, labels, cfg, seed=seed,
+                               progress=lambda step, total, _loss: self._progress("editing", step, total))
         self._progress("editing", cfg.max_steps, cfg.max_steps)
         return Edit(result.patch, dict(base.identity), self.editor, cfg, float(sparsity), self.locator, seed,
                     result.steps, result.converged, result.final_loss, on_edit.size,
                     0 if held is None else held.size, already_correct,
                     None if preserve is None and stats is None else self._preserve.describe(), tuple(self.notes),
                     _base=base, _edit_set=on_edit, _holdout_set=held)
+
+    def fit_mask(self, mask: "UnitMask", images: "torch.Tensor", labels: "torch.Tensor", config: "EditConfig",
+                 *, seed: int = 0, tokens: "torch.Tensor | None" = None, anchors: "AnchorSet | None" = None,
+                 anchor_moments: dict | None = None,
+                 progress: Callable[[int, int, float], None] | None = None) -> "EditResult":
+        """Fit the units of ``mask`` (``masks.UnitMask``: chosen by ``fix``'s locator, or by you) to
+        ``images`` (N, C, H, W, preprocessed) and their TRUE ``labels`` with ``config``, holding the rest
+        of the model with this editor's preserve set or statistics when ``config`` uses them. The model
+        is not written; the result's ``patch`` holds the edit. ``fix`` and ``vitedit apply`` both edit
+        through here. ``tokens``: the images' prefix activations at the first edited block, when
+        already computed; ``anchors`` / ``anchor_moments``: earlier edits to hold (a stack)."""
+        from .edit import edit
+
+        return edit(self._base.model, mask, images, labels, config, tokens=tokens,
+                    preserve=self._preserve_set if config.uses_preserve else None, seed=seed, anchors=anchors,
+                    stats=self._stats if config.uses_stats else None, anchor_moments=anchor_moments,
+                    progress=progress)
 
     def _config(self, overrides: Mapping[str, Any] | None) -> "EditConfig":
         """The preset, then the model's recommendation (its edit lr), then the editor's and this call's

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..artifacts import load_tensors, sha256_file
-from ..edit import DEFAULT_OBJECTIVE, EditConfig, Patch, edit
+from ..api import Editor
+from ..edit import DEFAULT_OBJECTIVE, EditConfig, Patch
 from ..errors import UsageError
 from ..imagesets import (CHECK, FAILURES, GENERALIZATION, LOCALITY, PRESERVE, ImageSet, check_apart,
                          check_disjoint,  # noqa: F401 (vitedit.api imports it from here)
@@ -471,10 +472,9 @@ def _edit_and_measure(job: _Job, locator: str, sparsity: float, config: EditConf
     def step(done: int, total: int, loss: float) -> None:
         progress("editing", done, total, f"loss {loss:.3f}")
 
-    result = edit(job.loaded.model, mask, job.edit_images, job.edit_labels, config, tokens=job.edit_tokens,
-                  preserve=job.preserve if config.uses_preserve else None, seed=job.seed,
-                  anchors=job.anchors, stats=job.stats if config.uses_stats else None,
-                  anchor_moments=job.anchor_moments, progress=step)
+    editor = Editor.of_workspace(job.loaded, job.sites, preserve_set=job.preserve, stats=job.stats)
+    result = editor.fit_mask(mask, job.edit_images, job.edit_labels, config, seed=job.seed, tokens=job.edit_tokens,
+                             anchors=job.anchors, anchor_moments=job.anchor_moments, progress=step)
     progress("editing", config.max_steps, config.max_steps, "done")
     metrics = (sets or job.sets).measure(result.patch.weights(job.loaded.model))
     point = {"sparsity": sparsity, "locator": locator, "objective": config.objective,
