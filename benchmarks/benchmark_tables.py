@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitedit.benchmark import ORACLES, aggregate, format_ci, matched_locality
+from vitedit.lab.benchmark import ORACLES, aggregate, format_ci, matched_locality
 
 
 def ci(r: dict, key: str) -> str:

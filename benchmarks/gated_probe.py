@@ -29,7 +29,7 @@ from vitedit.masks import UnitScores
 from vitedit.models import forward_prefix, load_model, make_suffix
 from vitedit.pipeline import default_hypernet_for, default_preserve_dir, resolve_edit_config
 from vitedit.preserve import build_preserve_set
-from vitedit.sequential import _seed
+from vitedit.lab.sequential import _seed
 
 t0 = time.time()
 base = load_model(None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitedit.benchmark import LOCAL_METHODS, aggregate, format_ci, matched_accuracy_drop, mean_ci
+from vitedit.lab.benchmark import LOCAL_METHODS, aggregate, format_ci, matched_accuracy_drop, mean_ci
 
 
 def ci(r: dict, key: str) -> str:

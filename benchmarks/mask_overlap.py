@@ -30,7 +30,7 @@ def main() -> None:
     from vitedit.masks import UnitScores
     from vitedit.models import forward_prefix, load_model, make_suffix
     from vitedit.pipeline import default_hypernet_for
-    from vitedit.sequential import _seed
+    from vitedit.lab.sequential import _seed
 
     base = load_model(None)
     sites = tuple(base.sites())

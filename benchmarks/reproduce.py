@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     published = json.loads(args.published.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "vitedit.lab_cli", "compare", "--groups", args.groups, "--methods", args.methods,
+        cmd = [sys.executable, "-m", "vitedit.lab.cli", "compare", "--groups", args.groups, "--methods", args.methods,
                "--sparsities", args.sparsities, "--edit-sizes", "1",
                "--edits-per-group", str(published["edits_per_group"]), "--out", str(Path(tmp) / "rerun"),
                "--compare", str(args.published), "--json", "-q"]

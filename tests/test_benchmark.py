@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vitedit.benchmark import BenchmarkConfig, _interp, aggregate, compare, matched_locality, run_benchmark
+from vitedit.lab.benchmark import BenchmarkConfig, _interp, aggregate, compare, matched_locality, run_benchmark
 from vitedit.errors import ArtifactError, UsageError
 
 
@@ -217,7 +217,7 @@ def test_group_gradient_upper_bound_runs_only_when_named(tmp_path):
 
 
 def test_matched_accuracy_drop_interpolates_the_papers_curve_and_states_what_it_skips():
-    from vitedit.benchmark import matched_accuracy_drop
+    from vitedit.lab.benchmark import matched_accuracy_drop
 
     def row(group, method, setting, drop, gen):
         return {"group": group, "edit_images": 1, "method": method, "setting": setting, "generalization": gen,

@@ -667,7 +667,7 @@ def test_config_file_sets_the_editor_and_lands_in_the_provenance(tmp_path, tiny_
 
 
 def test_the_benchmarks_live_in_vitedit_lab_with_every_flag_honoured_or_refused(tmp_path):
-    from vitedit import lab_cli
+    from vitedit.lab import cli as lab_cli
 
     assert "benchmark" not in _commands()
     lab = typer_commands(lab_cli.app)

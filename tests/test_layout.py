@@ -128,3 +128,27 @@ def test_no_function_is_longer_than_the_limit():
                  for line, name, length in long_functions(path.read_text(encoding="utf-8"))]
     assert not offenders, (f"functions over {MAX_FUNCTION_LINES} lines (split them into helpers that each do one "
                            "thing):\n" + "\n".join(offenders))
+
+
+def test_the_runtime_imports_nothing_from_the_research_harness():
+    """vitedit/lab/ (the benchmarks behind the defaults, `vitedit-lab`) may use the runtime; the
+    runtime never uses it."""
+    import ast
+
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "lab":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                package = ["vitedit", *rel.parts[:-1]]  # the package this file is in
+                base = package[:len(package) - node.level + 1] if node.level else []
+                absolute = ".".join(base + ([node.module] if node.module else []))
+                names = [absolute + "." + a.name for a in node.names]
+                if any(n.startswith("vitedit.lab.") or n == "vitedit.lab" for n in [absolute, *names]):
+                    offenders.append(f"{rel}:{node.lineno}")
+            elif isinstance(node, ast.Import):
+                if any(a.name == "vitedit.lab" or a.name.startswith("vitedit.lab.") for a in node.names):
+                    offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == []

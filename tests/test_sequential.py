@@ -1,4 +1,4 @@
-"""``vitedit benchmark --sequential`` (vitedit/sequential.py): the protocol's invariants on a small run
+"""``vitedit-lab stack`` (vitedit/lab/sequential.py): the protocol's invariants on a small run
 (two bundled groups, the plain editor, one order) and the summary's arithmetic on made-up rows."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vitedit.errors import UsageError
-from vitedit.sequential import SequentialConfig, run_sequential, summarize
+from vitedit.lab.sequential import SequentialConfig, run_sequential, summarize
 
 
 def test_config_refuses_unknown_editors_and_empty_runs(tmp_path):

@@ -9,7 +9,7 @@ unchanged and then counted as unchanged, and the measurement would flatter the e
 
 This module resolves each set's folder (given, the embedded model's bundled one, or switched off),
 scans it and enforces the rule, for every path that edits and measures: apply and report
-(``jobs.experiment``), ``vitedit benchmark`` and ``vitedit benchmark --sequential``. Reading the images
+(``jobs.experiment``), ``vitedit-lab compare`` and ``vitedit-lab stack``. Reading the images
 stays with each path (apply and report stream them in batches, the benchmarks hold them in memory).
 """
 

@@ -1,4 +1,4 @@
-"""``vitedit benchmark --sequential``: many edits in one model, and what they do to each other.
+"""``vitedit-lab stack``: many edits in one model, and what they do to each other.
 
 Protocol (docs/research-log.md, "Many edits in one model"), on the embedded default:
 
@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .artifacts import atomic_path, portable_path, write_json
+from ..artifacts import atomic_path, portable_path, write_json
 from .benchmark import _seed, config_record, mean_ci  # one seed rule and one config record for both benchmarks
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from .masks import UnitScores
+    from ..masks import UnitScores
 
 EDITORS = ("plain", "local")
 
@@ -161,8 +161,8 @@ class _SeqRun:
         """The hypernetwork's unit scores for these edit images on ``model`` (the current stack)."""
         import torch
 
-        from .masks import UnitScores
-        from .models import make_suffix
+        from ..masks import UnitScores
+        from ..models import make_suffix
 
         with torch.no_grad():
             feats = make_suffix(model, self.start)(x_edit_tokens, pre_logits=True)
@@ -171,7 +171,7 @@ class _SeqRun:
 
     def edit_on(self, model, xe, ye, tokens, editor: str, seed: int, kept=None, anchors=None, exclude=None):
         """Edit ``model`` in place (the next edit starts there) with hypernetwork masks; the result."""
-        from .edit import edit
+        from ..edit import edit
 
         config = self.configs[editor]
         mask = self.scores_on(model, tokens).select(self.cfg.sparsity, exclude)
@@ -216,12 +216,12 @@ def _start(cfg: SequentialConfig, progress: Callable[[str, int, int], None], t0:
     and (when an editor reads it) preserve sets, checked apart (``imagesets.benchmark_sets``)."""
     import torch
 
-    from .evaluate import TokenCache
-    from .hypernet import load_hypernet
-    from .imagesets import benchmark_sets, read_set
-    from .models import load_model
-    from .pipeline import default_hypernet_for, resolve_edit_config
-    from .preserve import build_preserve_set
+    from ..evaluate import TokenCache
+    from ..hypernet import load_hypernet
+    from ..imagesets import benchmark_sets, read_set
+    from ..models import load_model
+    from ..pipeline import default_hypernet_for, resolve_edit_config
+    from ..preserve import build_preserve_set
 
     base = load_model(None)
     sites = tuple(base.sites())
@@ -256,9 +256,9 @@ def _load_groups(cfg: SequentialConfig, base, start: int, progress) -> tuple[lis
     seeded draw into its edit images and its held-out failures; and the groups' image sets."""
     import torch
 
-    from .demo import examples
-    from .evaluate import TokenCache
-    from .imagesets import failure_group, read_set
+    from ..demo import examples
+    from ..evaluate import TokenCache
+    from ..imagesets import failure_group, read_set
 
     groups, scanned = [], {}
     for g in examples():
@@ -297,7 +297,7 @@ def _stack_in_order(run: _SeqRun, editor: str, o: int, rows: list[dict]) -> None
     """The groups edited one on top of the other in seeded order ``o``; a row after every edit."""
     import torch
 
-    from .history import units_changed
+    from ..history import units_changed
 
     cfg, sites = run.cfg, run.sites
     order = torch.randperm(len(run.groups), generator=torch.Generator().manual_seed(_seed(cfg.seed, "order", o))).tolist()
@@ -333,7 +333,7 @@ def _holds(run: _SeqRun, model, editor: str, step: int, edited: list[dict], g: d
     and the earlier edits' images keep what the stack does on them (``anchor_weight`` > 0)."""
     import torch
 
-    from .preserve import build_anchor_set, build_preserve_set
+    from ..preserve import build_anchor_set, build_preserve_set
 
     config = run.configs[editor]
     kept = build_preserve_set(model, run.sites, run.preserve_x) if config.uses_preserve \
@@ -351,7 +351,7 @@ def _success(run: _SeqRun, weights: dict, h: dict) -> float:
     import torch
     from torch.func import functional_call
 
-    from .models import make_suffix
+    from ..models import make_suffix
 
     with torch.inference_mode():
         return float((functional_call(make_suffix(run.base.model, run.start), weights, (h["edit_tokens"],))

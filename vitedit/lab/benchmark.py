@@ -1,4 +1,4 @@
-"""``vitedit benchmark``: the paper's comparison on the embedded default (method.md "Benchmark protocol").
+"""``vitedit-lab compare``: the paper's comparison on the embedded default (method.md "Benchmark protocol").
 
 For every bundled failure group of the default model and every edit setting (edits from 1 image, the
 paper's protocol, and from 3 images): ``edits_per_group`` edits, each from the unedited model, on
@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .artifacts import atomic_path, portable_path, sha256_file, write_json
-from .errors import UsageError
+from ..artifacts import atomic_path, portable_path, sha256_file, write_json
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -115,10 +115,10 @@ def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
 def run_benchmark(cfg: BenchmarkConfig, progress: Callable[[str, int, int], None]) -> dict:
     """The benchmark of the module docstring; writes results.json, edits.csv, summary.csv and
     tradeoff.png under ``cfg.out`` and returns the results (without the per-edit rows)."""
-    from .demo import examples
-    from .imagesets import benchmark_sets, failure_group
-    from .models import load_model
-    from .pipeline import resolve_edit_config
+    from ..demo import examples
+    from ..imagesets import benchmark_sets, failure_group
+    from ..models import load_model
+    from ..pipeline import resolve_edit_config
 
     t_start = time.time()
     published = _read_published(cfg)  # read first: fail fast, and before --out could replace it
@@ -154,21 +154,21 @@ def _read_published(cfg: BenchmarkConfig) -> dict | None:
     """The results.json ``--compare`` names (None without one), checked to be a benchmark's."""
     if cfg.compare_to is None:
         return None
-    from .artifacts import read_json
+    from ..artifacts import read_json
 
     if Path(cfg.compare_to).resolve() == (Path(cfg.out) / "results.json").resolve():
         raise UsageError("--compare names the results.json this run would overwrite; pass another --out")
     published = read_json(cfg.compare_to, "published benchmark results")
     if not isinstance(published.get("summary"), list):
         raise UsageError(f"--compare: {cfg.compare_to} has no 'summary' list; pass a results.json written by "
-                         "`vitedit benchmark`")
+                         "`vitedit-lab compare`")
     return published
 
 
 def _hypernet_for(cfg: BenchmarkConfig, loaded, sites, methods: list[str]) -> tuple[object, dict | None]:
     """The hypernetwork the hypernet methods use and what identifies it (None, None when none runs)."""
-    from .hypernet import load_hypernet
-    from .pipeline import default_hypernet_for
+    from ..hypernet import load_hypernet
+    from ..pipeline import default_hypernet_for
 
     if "hypernet" not in methods and "local-hypernet" not in methods:
         return None, None
@@ -200,11 +200,11 @@ class _Frozen:
 def _cache_frozen(loaded, sites, sets, hypernet, methods: list[str], progress) -> _Frozen:
     import torch
 
-    from .evaluate import TokenCache
-    from .imagesets import read_set
-    from .locate import LocateInputs, gradient_locator
-    from .locate import aggregate as mean_scores
-    from .preserve import build_preserve_set
+    from ..evaluate import TokenCache
+    from ..imagesets import read_set
+    from ..locate import LocateInputs, gradient_locator
+    from ..locate import aggregate as mean_scores
+    from ..preserve import build_preserve_set
 
     model, start = loaded.model, min(s.block for s in sites)
     progress("caching", 0, 3)
@@ -286,7 +286,7 @@ def _run_edits(bench: _Bench, plan: list, variants: list, progress) -> list[dict
     """Every (planned edit, variant): one edit from the unedited model, measured."""
     import torch
 
-    from .masks import UnitScores
+    from ..masks import UnitScores
 
     full = UnitScores(bench.sites, {s.param: torch.ones(s.units) for s in bench.sites}, "all").select(1.0)  # l1/l2
     rows_out = []
@@ -307,9 +307,9 @@ def _mask_scores(bench: _Bench, g: str, k: int, e: int, rows: list[int]) -> dict
     """Each mask method's unit scores for one edit's images (local methods share their mask's)."""
     import torch
 
-    from .locate import LocateInputs, bilevel_locator, gradient_locator, random_locator
-    from .locate import aggregate as mean_scores
-    from .masks import UnitScores
+    from ..locate import LocateInputs, bilevel_locator, gradient_locator, random_locator
+    from ..locate import aggregate as mean_scores
+    from ..masks import UnitScores
 
     model, sites, methods, seed = bench.loaded.model, bench.sites, bench.methods, bench.cfg.seed
     x, y, _, feats = bench.frozen.groups[g]
@@ -337,7 +337,7 @@ def _mask_scores(bench: _Bench, g: str, k: int, e: int, rows: list[int]) -> dict
 def _edit_row(bench: _Bench, g: str, k: int, e: int, rows: list[int], method: str, knob: str, value: float, mask,
               penalty) -> dict:
     """One edit of ``rows`` of group ``g`` with ``mask`` (and ``penalty``), and its figures."""
-    from .edit import edit
+    from ..edit import edit
 
     model, frozen = bench.loaded.model, bench.frozen
     x, y, cache, _ = frozen.groups[g]

@@ -4,9 +4,9 @@
 measure). The benchmarks that chose its defaults live here, with every knob they sweep visible:
 
 - ``vitedit-lab compare``: the paper's comparison on the default model (learned vs random vs
-  gradient masks vs L1/L2 fine-tuning, and the local editor on those masks), ``vitedit.benchmark``;
+  gradient masks vs L1/L2 fine-tuning, and the local editor on those masks), ``vitedit.lab.benchmark``;
 - ``vitedit-lab stack``: many edits in one model, every group edited one after another (and all at
-  once), each earlier edit re-measured after every edit, ``vitedit.sequential``.
+  once), each earlier edit re-measured after every edit, ``vitedit.lab.sequential``.
 
 Both run behind ``vitedit``'s error boundary (``vitedit.cli.run``) and print tables, or with
 ``--json`` one JSON object on stdout.
@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from .cli import JsonOpt, QuietOpt, SeedOpt, UI, _floats, _pct, run
+from ..cli import JsonOpt, QuietOpt, SeedOpt, UI, _floats, _pct, run
 
 app = typer.Typer(
     name="vitedit-lab",
