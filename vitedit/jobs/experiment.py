@@ -304,7 +304,7 @@ def _preserve_for(ws: Workspace, opts: ExperimentOptions, loaded: LoadedModel, s
     check_apart(ImageSet(PRESERVE, folder, refs), measured)
     kept = _Kept(folder)
     wanted = resolve_edit_config(loaded, opts.edit, opts.objective)
-    if wanted.uses_preserve or not wanted.uses_stats:
+    if wanted.uses_preserve:  # the paper's editor reads no preserve set: it holds nothing in place
         kept.preserve, kept.note, kept.bad = _load_preserve(refs, loaded, sites, opts.skip_bad_images, seed, progress,
                                                             targets_from=base_weights)
     if wanted.uses_stats:
