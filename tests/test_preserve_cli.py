@@ -67,6 +67,11 @@ def test_plain_objective_is_the_papers_editor(ws):
     cfg = res["edit_config"]
     assert cfg["objective"] == "plain" and cfg["preserve_weight"] == 0 and cfg["nullspace_threshold"] is None
     assert cfg["augment"] == 0 and cfg["stop_margin"] is None and cfg["loss_threshold"] == 0.01
+    # it holds nothing in place, so it reads no preserve set and its provenance names none
+    assert res["preserve_images"] == 0 and res["preserve_source"] is None
+    assert json.loads((ws["ws"] / "patch.json").read_text())["preserve"] is None
+    code, _, err = cli("apply", "-w", ws["ws"], "--editor", "plain", "--preserve", ws["check"], "--check", ws["check"])  # still checked
+    assert code == 2 and "preserve" in one_error_line(err)
 
 
 def test_report_sweeps_preservation_weights_and_states_its_rule(ws):
