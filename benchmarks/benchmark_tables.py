@@ -47,11 +47,12 @@ def main() -> None:
         rows = [r for r in summary if r["group"] == "all" and r["edit_images"] == k]
         print(f"\n**Edits from {k} image{'s' if k > 1 else ''}** (all groups; mean ± 95% CI over "
               f"{rows[0]['edits']} edits per row)\n")
-        print("| method | setting | success | generalization | locality | accuracy drop |")
-        print("|---|---|---|---|---|---|")
+        print("| method | setting | success | generalization | locality | accuracy drop (points) | flip rate |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
+            flips = ci(r, "flip_rate") if r.get("flip_rate") is not None else "n/a"
             print(f"| {r['method']} | {r['knob']} {r['setting']:g} | {ci(r, 'success')} | {ci(r, 'generalization')} | "
-                  f"{ci(r, 'locality')} | {ci(r, 'accuracy_drop')} |")
+                  f"{ci(r, 'locality')} | {ci(r, 'accuracy_drop')} | {flips} |")
     methods = {e["method"] for e in edits}
     for other, name in (("random", "random masks"), ("bilevel", "the bilevel oracle")):
         if other not in methods:
