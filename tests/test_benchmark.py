@@ -258,3 +258,23 @@ def test_the_preserve_set_shares_no_image_with_a_measured_set(tmp_path, overlap,
     with pytest.raises(InputDataError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         run_benchmark(cfg, lambda *a: None)
     assert not (tmp_path / "out").exists()  # refused before anything was read or written
+
+
+@pytest.mark.slow
+def test_a_subset_rerun_reproduces_the_committed_comparison_rows():
+    """benchmarks/reproduce.py: the documented command on one group and one method gives exactly the
+    committed docs/benchmark-results/results.json edits (every metric) and means within their CIs."""
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce", path)
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = reproduce.main(["--groups", "bag", "--methods", "random"])
+    assert code == 0, out.getvalue()
+    assert "3/3 edits identical to the published ones" in out.getvalue()
