@@ -185,7 +185,7 @@ def _editor(editor: Optional[str], objective: Optional[str]) -> str:
     return editor or objective or DEFAULT_OBJECTIVE
 
 
-def _experiment(workspace: Path, edit_flags: dict, config: Optional[Path], editor: Optional[str], objective: Optional[str],
+def _experiment(edit_flags: dict, config: Optional[Path], editor: Optional[str], objective: Optional[str],
                 preserve: Optional[Path], no_preserve: bool, check: Optional[Path], no_check: bool, **kw):
     """apply's and report's ExperimentOptions: the --editor preset, then the --config file, then any hidden flag."""
     from .config_file import read_edit_config
@@ -197,10 +197,6 @@ def _experiment(workspace: Path, edit_flags: dict, config: Optional[Path], edito
         preserve, no_preserve = None, True
     if check is not None and str(check).lower() == "none":
         check, no_check = None, True
-    if kw.get("on_top") is None:  # apply and report follow locate: `locate --on-top` decided it
-        from .workspace import Workspace
-
-        kw["on_top"] = Workspace(workspace).located_on_top
     return ExperimentOptions(overrides, objective=_editor(editor, objective), preserve=preserve,
                              check=check, no_preserve=no_preserve, no_check=no_check, **kw)
 
@@ -352,7 +348,7 @@ def apply(
     from .pipeline import ApplyConfig, run_apply
 
     ui = UI(as_json, quiet)
-    experiment = _experiment(workspace, _edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
+    experiment = _experiment(_edit_config(lr, max_steps, preserve_weight, nullspace, stop_margin, augment,
                                           preserve_batch, anchor_weight, anchor_views),
                              config, editor, objective, preserve, no_preserve, check, no_check, holdout=holdout,
                              generalization=generalization, locality=locality, seed=seed, device=device,
@@ -449,7 +445,7 @@ def report(
     from .pipeline import ReportConfig, run_report
 
     ui = UI(as_json, quiet)
-    experiment = _experiment(workspace, _edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
+    experiment = _experiment(_edit_config(lr, max_steps, None, nullspace, stop_margin, augment,
                                           anchor_weight=anchor_weight, anchor_views=anchor_views),
                              config, editor, objective, preserve, no_preserve, check, no_check, holdout=holdout,
                              generalization=generalization, locality=locality, seed=seed, device=device,

@@ -44,12 +44,6 @@ class Workspace:
                                  "(or pass --workspace DIR)")
         return read_json(self.root / STATE, "workspace state")
 
-    @property
-    def located_on_top(self) -> bool:
-        """Whether the last ``vitedit locate`` scored on top of earlier edits (``--on-top``), which
-        apply and report then follow; False when nothing was located yet (they then say so)."""
-        return self.exists and int(self.state().get("on_top_of") or 0) > 0
-
     def save_state(self, state: dict) -> None:
         write_json(self.root / STATE, state)
 

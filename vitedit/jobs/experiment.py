@@ -4,6 +4,7 @@ edited block (edit, held-out, locality, check), the preserve set, and one edit m
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -44,7 +45,8 @@ class ExperimentOptions:
     check: Path | None = None
     no_preserve: bool = False
     no_check: bool = False
-    on_top: bool = False             # edit on top of the workspace's edit history (see vitedit.history)
+    on_top: bool | None = None       # edit on top of the workspace's edit history (see vitedit.history);
+                                     # None: as `vitedit locate` scored (its --on-top)
     disjoint: bool = False           # on top: never change a unit an earlier edit of the history changed
 
     def __post_init__(self) -> None:
@@ -56,13 +58,17 @@ class ExperimentOptions:
             raise UsageError("give either --preserve DIR or --no-preserve, not both")
         if self.check is not None and self.no_check:
             raise UsageError("give either --check DIR or --no-check, not both")
-        if self.disjoint and not self.on_top:
-            raise UsageError("--disjoint keeps an edit off the units earlier edits changed: it needs a stack (run "
-                             "`vitedit locate FAILURES --on-top` first)")
+        if self.disjoint and self.on_top is False:
+            _no_stack_to_keep_apart()
         from ..edit import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective {self.objective!r}: choose {' or '.join(OBJECTIVES)}")
+
+
+def _no_stack_to_keep_apart() -> None:
+    raise UsageError("--disjoint keeps an edit off the units earlier edits changed: it needs a stack (run "
+                     "`vitedit locate FAILURES --on-top` first)")
 
 
 @dataclass
@@ -98,6 +104,12 @@ class _Job:
     stats: object = None             # stats.PreserveStats of the preserve set (statistics objectives)
     anchor_moments: dict | None = None  # the earlier edits' images' input moments (statistics objectives)
 
+    @cached_property
+    def editor(self) -> Editor:
+        """The API's editor over this job's model (with its stack), sites, preserve set and statistics:
+        every edit of the job fits through it, as ``Editor.fix``'s do."""
+        return Editor.of_workspace(self.loaded, self.sites, preserve_set=self.preserve, stats=self.stats)
+
 
 def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validation: bool = False) -> _Job:
     """Load the workspace's model, split and scores and cache every image set at the first edited block.
@@ -111,12 +123,15 @@ def _prepare(ws: Workspace, opts: ExperimentOptions, progress: Progress, validat
     from ..history import History, units_changed
 
     state = ws.state()
+    on_top = int(state.get("on_top_of") or 0) > 0 if opts.on_top is None else opts.on_top  # None: as located
+    if opts.disjoint and not on_top:
+        _no_stack_to_keep_apart()
     loaded = _load_workspace_model(ws, state, opts.device)
     sites = tuple(Site.from_json(d) for d in state["sites"])
     # the base model's edited matrices, before the history goes in: the preserve set's targets
     base_weights = {s.param: loaded.model.get_parameter(s.param).detach().clone() for s in sites} \
-        if opts.on_top else None
-    stacked = _stack(ws, state, loaded, opts.on_top)
+        if on_top else None
+    stacked = _stack(ws, state, loaded, on_top)
     exclude = units_changed(History(ws).patches(loaded.identity)) if opts.disjoint and stacked else None
     dev = next(loaded.model.parameters()).device
     per_image, _ = load_tensors(ws.require("scores.safetensors", "locate"), "workspace scores")
@@ -472,9 +487,8 @@ def _edit_and_measure(job: _Job, locator: str, sparsity: float, config: EditConf
     def step(done: int, total: int, loss: float) -> None:
         progress("editing", done, total, f"loss {loss:.3f}")
 
-    editor = Editor.of_workspace(job.loaded, job.sites, preserve_set=job.preserve, stats=job.stats)
-    result = editor.fit_mask(mask, job.edit_images, job.edit_labels, config, seed=job.seed, tokens=job.edit_tokens,
-                             anchors=job.anchors, anchor_moments=job.anchor_moments, progress=step)
+    result = job.editor.fit_mask(mask, job.edit_images, job.edit_labels, config, seed=job.seed, tokens=job.edit_tokens,
+                                 anchors=job.anchors, anchor_moments=job.anchor_moments, progress=step)
     progress("editing", config.max_steps, config.max_steps, "done")
     metrics = (sets or job.sets).measure(result.patch.weights(job.loaded.model))
     point = {"sparsity": sparsity, "locator": locator, "objective": config.objective,
