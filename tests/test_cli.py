@@ -582,12 +582,13 @@ def test_progress_in_a_log_restarts_the_clock_when_a_task_starts_again(monkeypat
 # ----------------------------------------------------------------------------- the surface
 
 
-def _commands():
+def _commands(app=None) -> dict:
+    """The commands of ``vitedit`` (or of another typer ``app``) by name."""
     import typer
 
-    from vitedit.cli import app
+    from vitedit.cli import app as vitedit_app
 
-    return typer.main.get_command(app).commands
+    return typer.main.get_command(app or vitedit_app).commands
 
 
 def _visible_options(command) -> list[str]:
@@ -670,7 +671,7 @@ def test_the_benchmarks_live_in_vitedit_lab_with_every_flag_honoured_or_refused(
     from vitedit.lab import cli as lab_cli
 
     assert "benchmark" not in _commands()
-    lab = typer_commands(lab_cli.app)
+    lab = _commands(lab_cli.app)
     assert set(lab) == {"compare", "stack"}
     for command in lab.values():  # the lab's knobs are its point: all visible, all with help
         assert all(not getattr(p, "hidden", False) and (getattr(p, "help", None) or "").strip()
@@ -680,12 +681,6 @@ def test_the_benchmarks_live_in_vitedit_lab_with_every_flag_honoured_or_refused(
         lab_cli.main(["stack", "--editors", "plain,nosuch", "--out", str(tmp_path / "o"), "-q"])
     assert e.value.code == 2 and "nosuch" in one_error_line(err.getvalue())
     assert not (tmp_path / "o").exists()
-
-
-def typer_commands(app) -> dict:
-    import typer
-
-    return typer.main.get_command(app).commands
 
 
 def test_apply_edits_through_the_python_api(job, tmp_path, monkeypatch):
