@@ -370,7 +370,7 @@ class Editor:
         if not (cfg.uses_preserve or cfg.uses_stats):
             return None, None
         if self._preserve is None:
-            from .jobs.common import default_preserve_dir
+            from .imagesets import default_preserve_dir
 
             bundled = default_preserve_dir(self._base.loaded)
             raise UsageError(f"the {cfg.objective!r} editor keeps the rest of the model in place with ordinary images: "
@@ -431,7 +431,7 @@ class _Base:
         """``source`` as a set of this model's inputs; a folder is checked apart from the preserve set."""
         images = _read_set(self.loaded, source, what, labeled, self.skip_bad)
         if self.preserve is not None and self.preserve.folder is not None and images.folder is not None:
-            from .jobs.experiment import check_disjoint
+            from .imagesets import check_disjoint
 
             check_disjoint(self.preserve.folder, self.preserve.refs, {f"{what} set": (images.folder, images.refs)})
         return images

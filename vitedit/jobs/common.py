@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from ..artifacts import sha256_file
 from ..device import resolve_device
 from ..errors import ModelError, UsageError, WorkspaceError
-from ..imagesets import default_check_dir, default_locality_dir, default_preserve_dir  # noqa: F401 (re-exported)
 from ..models import DEFAULT_ASSETS, DEFAULT_MODEL, LoadedModel, load_model
 from ..workspace import Workspace
 

@@ -13,7 +13,7 @@ from ..api import Editor
 from ..edit import DEFAULT_OBJECTIVE, EditConfig, Patch
 from ..errors import UsageError
 from ..imagesets import (CHECK, FAILURES, GENERALIZATION, LOCALITY, PRESERVE, ImageSet, check_apart,
-                         check_disjoint,  # noqa: F401 (vitedit.api imports it from here)
+                         check_disjoint,  # noqa: F401 (kept importable from here: tests/test_imagesets.py)
                          default_check_dir, default_locality_dir, default_preserve_dir, set_folder)
 from ..models import LoadedModel, Site
 from ..workspace import Workspace
